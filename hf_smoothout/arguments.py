@@ -1,0 +1,95 @@
+"""`TrainingArguments` with one ``smoothout_<field>`` per `SmoothOutConfig` field.
+
+Example:
+    >>> from transformers import HfArgumentParser
+    >>> (args,) = HfArgumentParser(SmoothOutTrainingArguments).parse_args_into_dataclasses(
+    ...     ["--output_dir", "out", "--smoothout_strength", "0.02", "--smoothout_adapt", "none"])
+    >>> args.to_smoothout_config().adapt
+    'none'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+from .config import SmoothOutConfig
+
+PREFIX = "smoothout_"
+
+
+@dataclass
+class SmoothOutTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the SmoothOut settings (validated at construction).
+
+    ``smoothout_seed`` defaults to the run's ``seed``.
+    """
+
+    smoothout_strength: float = field(
+        default=0.01,
+        metadata={
+            "help": "Noise strength `a`. adapt=filter: each row's noise has L2 norm a*||w_row||; adapt=none: "
+            "U(-a, a); adapt=weight: a*w*U(-1, 1). 0 disables SmoothOut (plain training)."
+        },
+    )
+    smoothout_adapt: Literal["filter", "none", "weight"] = field(
+        default="filter",
+        metadata={"help": "Noise scaling: filter (AdaSmoothOut, per output row/filter), none (plain box), weight."},
+    )
+    smoothout_distribution: Literal["uniform", "gaussian"] = field(
+        default="uniform", metadata={"help": "Noise distribution."}
+    )
+    smoothout_schedule: Literal["constant", "anneal", "tanh"] = field(
+        default="constant",
+        metadata={"help": "Strength schedule over optimizer steps: constant, anneal (decays), tanh (ramps up)."},
+    )
+    smoothout_anneal_index: float = field(
+        default=0.55, metadata={"help": "Exponent of the anneal schedule: coef = (1 + t) ** (-anneal_index / 2)."}
+    )
+    smoothout_tanh_scale: float = field(
+        default=10.0, metadata={"help": "Steepness of the tanh schedule: coef = (tanh(s * (t/T - 0.5)) + 1) / 2."}
+    )
+    smoothout_samples: int = field(
+        default=1, metadata={"help": "Noisy copies per micro-batch (K); their gradients are averaged."}
+    )
+    smoothout_denoise: bool = field(
+        default=True,
+        metadata={"help": "Remove the noise after backward (the method). False leaves it in (ablation only)."},
+    )
+    smoothout_restore: Literal["copy", "regenerate"] = field(
+        default="copy",
+        metadata={
+            "help": "copy: bit-exact restore from a preallocated backup (+1x parameter memory). regenerate: no "
+            "backup, noise redrawn and removed (not bit-exact; refused when ranks draw different noise)."
+        },
+    )
+    smoothout_skip_norm_layers: bool = field(
+        default=True, metadata={"help": "Leave normalization-layer parameters (BatchNorm, LayerNorm, RMSNorm) clean."}
+    )
+    smoothout_skip_bias: bool = field(default=False, metadata={"help": "Leave parameters named *bias clean."})
+    smoothout_include: list[str] | None = field(
+        default=None, metadata={"help": "Only perturb parameters whose name matches one of these regexes."}
+    )
+    smoothout_exclude: list[str] | None = field(
+        default=None, metadata={"help": "Never perturb parameters whose name matches one of these regexes."}
+    )
+    smoothout_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the noise generator (default: the run's --seed)."}
+    )
+    smoothout_independent_ranks: bool = field(
+        default=True,
+        metadata={"help": "Each distributed rank draws different noise (seed offset by rank)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.to_smoothout_config()  # validate early, with the config's own messages
+
+    def to_smoothout_config(self) -> SmoothOutConfig:
+        """The `SmoothOutConfig` these arguments describe (``seed`` falls back to ``self.seed``)."""
+        values = {name: getattr(self, PREFIX + name) for name in SmoothOutConfig.field_names()}
+        if values["seed"] is None:
+            values["seed"] = self.seed
+        return SmoothOutConfig(**values)

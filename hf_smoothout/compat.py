@@ -1,0 +1,90 @@
+"""Trainer set-ups SmoothOut refuses, and the mixed-precision resolution warning.
+
+Anything that changes the weights *inside* ``training_step`` would be undone (or corrupted) by
+the restore that follows the backward pass, so it is refused at construction with a message.
+
+Example:
+    >>> from types import SimpleNamespace
+    >>> trainer = SimpleNamespace(args=SimpleNamespace(optim="lomo"), is_deepspeed_enabled=False,
+    ...                           is_fsdp_enabled=False)
+    >>> try:
+    ...     check_trainer_setup(trainer)
+    ... except ValueError as err:
+    ...     print(str(err).split(":")[0])
+    SmoothOut cannot run with optim='lomo'
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from .config import SmoothOutConfig
+
+# Optimizers that update the weights during backward (inside `training_step`).
+_IN_BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
+_LAYERWISE_SUFFIX = "_layerwise"
+
+# Unit roundoff of the low-precision float formats the forward pass may run in.
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def check_trainer_setup(trainer: Any) -> None:
+    """Raise ``ValueError`` for set-ups where restoring after ``training_step`` would corrupt weights."""
+    optim = str(getattr(trainer.args, "optim", ""))
+    optim = getattr(trainer.args.optim, "value", optim)
+    if optim in _IN_BACKWARD_OPTIMIZERS or optim.endswith(_LAYERWISE_SUFFIX):
+        raise ValueError(
+            f"SmoothOut cannot run with optim={optim!r}: this optimizer updates the weights during the backward "
+            "pass, inside training_step, so removing the noise afterwards would undo or corrupt the update. "
+            "Use a regular optimizer (e.g. adamw_torch, sgd, or the non-layerwise GaLore/APOLLO variant)."
+        )
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise ValueError(
+            "SmoothOut does not support DeepSpeed yet: DeepSpeed's engine steps the optimizer inside "
+            "accelerator.backward, i.e. inside training_step, and ZeRO-3 shards rows across ranks, so the noise "
+            "cannot be removed safely. Train with DDP (plain `accelerate launch`/`torchrun`) instead."
+        )
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(
+            "SmoothOut does not support FSDP through the Trainer yet: FSDP flattens and shards parameters, so "
+            "per-row noise scaling and the restore would act on partial rows. Train with DDP instead."
+        )
+
+
+def typical_relative_noise(config: SmoothOutConfig, params: list[torch.Tensor]) -> float:
+    """Typical ``|tau_i| / |w_i|`` of one draw at the peak strength (median over weights, roughly).
+
+    ``filter``: about ``a``; ``weight``: ``a * E|u|``; ``none``: ``a / rms(w)`` of the median parameter.
+    """
+    mean_abs_u = 0.5 if config.distribution == "uniform" else math.sqrt(2.0 / math.pi)
+    if config.adapt == "filter":
+        return config.strength * mean_abs_u * math.sqrt(3.0 if config.distribution == "uniform" else 1.0)
+    if config.adapt == "weight":
+        return config.strength * mean_abs_u
+    ratios = []
+    for p in params:
+        rms = float(p.detach().float().pow(2).mean().sqrt()) if p.numel() else 0.0
+        ratios.append(config.strength * mean_abs_u / rms if rms > 0 else math.inf)
+    return float(sorted(ratios)[len(ratios) // 2]) if ratios else math.inf
+
+
+def warn_if_below_resolution(config: SmoothOutConfig, params: list[torch.Tensor], compute_dtype: torch.dtype) -> bool:
+    """Warn when most noise would be rounded away in ``compute_dtype`` (bf16/fp16). Returns whether it warned."""
+    roundoff = _UNIT_ROUNDOFF.get(compute_dtype)
+    if roundoff is None or not config.enabled:
+        return False
+    relative = typical_relative_noise(config, params)
+    if relative >= roundoff:
+        return False
+    warnings.warn(
+        f"SmoothOut noise of typical relative size {relative:.2e} is below the {compute_dtype} resolution of the "
+        f"weights ({roundoff:.2e}): under {compute_dtype} most perturbed weights round back to their clean value "
+        "and the method has little effect. Raise smoothout strength, or train in fp32.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
