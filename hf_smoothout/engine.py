@@ -36,7 +36,7 @@ from .selection import SelectedParameter, select_parameters
 # Scratch buffer of the regenerate/no-denoise path: at most this many elements per device and dtype,
 # at least one whole row, and no more than ~1.5 % of the selected parameters.
 _MAX_SCRATCH_ELEMENTS = 1 << 20
-_MIN_SCRATCH_ELEMENTS = 1 << 16
+_MIN_SCRATCH_ELEMENTS = 1 << 14
 _SCRATCH_FRACTION = 64
 
 

@@ -1,0 +1,73 @@
+"""Tiny models and data built from code (no Hub), shared by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+class TinyClassifier(nn.Module):
+    """Linear -> LayerNorm -> GELU -> Linear, with a cross-entropy loss; optional dropout."""
+
+    def __init__(self, dim: int = 6, hidden: int = 8, classes: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, classes)
+        self.fail_forward = False
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.fail_forward:
+            raise RuntimeError("forward failed on purpose")
+        logits = self.fc2(self.drop(torch.nn.functional.gelu(self.norm(self.fc1(x)))))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict[str, torch.Tensor]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+
+def make_classification_data(n: int = 64, dim: int = 6, classes: int = 3, seed: int = 0) -> ListDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w = torch.randn(dim, classes, generator=g)
+    y = (x @ w).argmax(dim=1)
+    return ListDataset([{"x": x[i], "labels": y[i]} for i in range(n)])
+
+
+def clone_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_params_equal(model: nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), reference[name]), f"{name} differs"
+
+
+@pytest.fixture
+def tiny_model() -> TinyClassifier:
+    torch.manual_seed(0)
+    return TinyClassifier()
+
+
+@pytest.fixture
+def tiny_data() -> ListDataset:
+    return make_classification_data()

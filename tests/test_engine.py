@@ -1,0 +1,208 @@
+"""Engine life cycle: restore guarantees, seeding, state, buffers, regenerate drift."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyClassifier, assert_params_equal, clone_params
+from torch import nn
+
+from hf_smoothout import SmoothOut, SmoothOutConfig
+
+
+def test_perturbed_context_restores_on_exception(tiny_model):
+    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.5, seed=0))
+    clean = clone_params(tiny_model)
+    with pytest.raises(ValueError, match="boom"), engine.perturbed():
+        assert not torch.equal(tiny_model.fc1.weight, clean["fc1.weight"])
+        raise ValueError("boom")
+    assert not engine.is_perturbed
+    assert_params_equal(tiny_model, clean)
+
+
+def test_restore_after_failed_backward(tiny_model):
+    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.5, seed=0))
+    clean = clone_params(tiny_model)
+    x = torch.randn(4, 6)
+
+    def explode(_grad):
+        raise RuntimeError("backward failed")
+
+    with pytest.raises(RuntimeError, match="backward failed"), engine.perturbed():
+        out = tiny_model(x)["logits"]
+        out.register_hook(explode)
+        out.sum().backward()
+    assert_params_equal(tiny_model, clean)
+
+
+def test_double_perturb_is_refused(tiny_model):
+    engine = SmoothOut(tiny_model, SmoothOutConfig(seed=0))
+    engine.perturb()
+    with pytest.raises(RuntimeError, match="twice"):
+        engine.perturb()
+    engine.restore()
+    engine.restore()  # idempotent
+
+
+def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch):
+    import hf_smoothout.engine as engine_module
+
+    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.5, seed=0))
+    clean = clone_params(tiny_model)
+    calls = {"n": 0}
+    real = engine_module.fill_noise_
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "fill_noise_", flaky)
+    with pytest.raises(MemoryError):
+        engine.perturb()
+    assert not engine.is_perturbed
+    assert_params_equal(tiny_model, clean)
+
+
+@pytest.mark.parametrize("adapt", ["filter", "none", "weight"])
+def test_regenerate_failure_while_drawing_is_undone(tiny_model, monkeypatch, adapt):
+    import hf_smoothout.engine as engine_module
+
+    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.3, adapt=adapt, restore="regenerate", seed=0))
+    clean = clone_params(tiny_model)
+    real = engine_module.fill_noise_
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "fill_noise_", flaky)
+    with pytest.raises(MemoryError):
+        engine.perturb()
+    for name, p in tiny_model.named_parameters():
+        torch.testing.assert_close(p.detach(), clean[name], rtol=1e-6, atol=1e-7)
+
+
+def test_fresh_noise_every_perturb_and_seeded_reproducibility():
+    def noises(seed: int, n: int = 3) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Linear(8, 8)
+        clean = model.weight.detach().clone()
+        engine = SmoothOut(model, SmoothOutConfig(strength=0.1, seed=seed))
+        out = []
+        for _ in range(n):
+            with engine.perturbed():
+                out.append(model.weight.detach() - clean)
+        return out
+
+    a, b, c = noises(7), noises(7), noises(8)
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_ranks_draw_independent_noise_unless_told_otherwise():
+    def first_noise(rank: int, independent: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Linear(8, 8)
+        clean = model.weight.detach().clone()
+        engine = SmoothOut(model, SmoothOutConfig(seed=3, independent_ranks=independent), rank=rank, world_size=2)
+        with engine.perturbed():
+            return model.weight.detach() - clean
+
+    assert not torch.equal(first_noise(0, True), first_noise(1, True))
+    assert torch.equal(first_noise(0, False), first_noise(1, False))
+
+
+def test_regenerate_refused_when_ranks_differ(tiny_model):
+    with pytest.raises(ValueError, match="regenerate"):
+        SmoothOut(tiny_model, SmoothOutConfig(restore="regenerate"), rank=0, world_size=2)
+    SmoothOut(tiny_model, SmoothOutConfig(restore="regenerate", independent_ranks=False), rank=0, world_size=2)
+    SmoothOut(tiny_model, SmoothOutConfig(restore="regenerate"), rank=0, world_size=1)
+
+
+def test_state_dict_round_trip_reproduces_the_noise(tiny_model):
+    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.2, seed=11))
+    clean = tiny_model.fc1.weight.detach().clone()
+    with engine.perturbed():
+        pass
+    state = engine.state_dict()
+    with engine.perturbed():
+        expected = tiny_model.fc1.weight.detach() - clean
+    other = SmoothOut(tiny_model, SmoothOutConfig(strength=0.2, seed=999))
+    other.load_state_dict(state)
+    with other.perturbed():
+        assert torch.equal(tiny_model.fc1.weight.detach() - clean, expected)
+    engine.perturb()
+    with pytest.raises(RuntimeError, match="perturbed"):
+        engine.state_dict()
+    engine.restore()
+
+
+@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+def test_buffers_are_allocated_once(tiny_model, restore):
+    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.1, restore=restore, seed=0))
+    pointers = [
+        t.data_ptr()
+        for g in engine._groups
+        for t in ([g.scratch] if g.scratch is not None else []) + [b for s in g.slots for b in (s.backup, *(s.norms or ())) if b is not None]
+    ]
+    for step in range(5):
+        with engine.perturbed(step):
+            pass
+    after = [
+        t.data_ptr()
+        for g in engine._groups
+        for t in ([g.scratch] if g.scratch is not None else []) + [b for s in g.slots for b in (s.backup, *(s.norms or ())) if b is not None]
+    ]
+    assert pointers == after
+
+
+def test_buffers_follow_a_dtype_change():
+    model = TinyClassifier()
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.1, seed=0))
+    model.to(torch.float64)
+    clean = clone_params(model)
+    with engine.perturbed():
+        assert model.fc1.weight.dtype == torch.float64
+    assert_params_equal(model, clean)
+
+
+def test_memory_copy_is_one_parameter_copy_and_regenerate_is_small():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(3000, 256), nn.Linear(256, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 256))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    copy = SmoothOut(model, SmoothOutConfig(restore="copy"))
+    regen = SmoothOut(model, SmoothOutConfig(restore="regenerate"))
+    rows = sum(p.shape[0] if p.ndim > 1 else p.numel() for p in model.parameters())
+    row_bytes = 2 * rows * 4
+    assert copy.buffer_bytes == param_bytes + row_bytes
+    assert regen.buffer_bytes - row_bytes <= 0.02 * param_bytes
+
+
+@pytest.mark.parametrize("adapt", ["filter", "none", "weight"])
+def test_regenerate_drift_is_rounding_only(adapt):
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    clean = clone_params(model)
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, adapt=adapt, restore="regenerate", seed=0))
+    for step in range(20):
+        with engine.perturbed(step):
+            pass
+    drift = (model.weight - clean["weight"]).abs().max().item()
+    assert 0 < drift or adapt == "none"  # not bit-exact in general, as documented
+    assert drift < 1e-5
+
+
+def test_denoise_off_leaves_noise_in_weights(tiny_model):
+    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.1, adapt="none", denoise=False, seed=0))
+    clean = clone_params(tiny_model)
+    with engine.perturbed():
+        perturbed = clone_params(tiny_model)
+    assert_params_equal(tiny_model, perturbed)
+    assert not torch.equal(perturbed["fc1.weight"], clean["fc1.weight"])
+    assert engine.buffer_bytes < sum(p.numel() * 4 for p in tiny_model.parameters()) + 1e6
