@@ -37,8 +37,12 @@ class DigitsMLP(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(64, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
             nn.Linear(hidden, 10),
         )
 
@@ -90,13 +94,22 @@ def main() -> None:
         look_for_args_file=False,
     )
     train, test = load_digits_split(demo.test_fraction)
-    arms = {"baseline (strength 0)": 0.0, f"SmoothOut ({args.smoothout_adapt}, a={args.smoothout_strength})": args.smoothout_strength}
+    arms = {
+        "baseline (strength 0)": 0.0,
+        f"SmoothOut ({args.smoothout_adapt}, a={args.smoothout_strength})": args.smoothout_strength,
+    }
     results: dict[str, list[dict[str, float]]] = {}
     for name, strength in arms.items():
-        arm_args = dataclasses.replace(args, smoothout_strength=strength, output_dir=f"{args.output_dir}/{'baseline' if strength == 0 else 'smoothout'}")
+        arm_args = dataclasses.replace(
+            args,
+            smoothout_strength=strength,
+            output_dir=f"{args.output_dir}/{'baseline' if strength == 0 else 'smoothout'}",
+        )
         results[name] = [run(demo, arm_args, seed, train, test) for seed in demo.seeds]
-    print(f"\nDigits MLP, {len(train)} train / {len(test)} test, batch {args.per_device_train_batch_size}, "
-          f"{args.num_train_epochs:g} epochs, seeds {demo.seeds}")
+    print(
+        f"\nDigits MLP, {len(train)} train / {len(test)} test, batch {args.per_device_train_batch_size}, "
+        f"{args.num_train_epochs:g} epochs, seeds {demo.seeds}"
+    )
     print(f"{'arm':<40} {'test acc %':>16} {'train acc %':>16}")
     for name, runs in results.items():
         print(f"{name:<40} {summarize([r['test'] for r in runs]):>16} {summarize([r['train'] for r in runs]):>16}")
@@ -106,9 +119,16 @@ if __name__ == "__main__":
     import sys
 
     defaults = {
-        "--output_dir": "outputs/digits_demo", "--num_train_epochs": "30", "--per_device_train_batch_size": "256",
-        "--learning_rate": "0.003", "--use_cpu": "true", "--report_to": "none", "--save_strategy": "no",
-        "--eval_strategy": "no", "--logging_strategy": "epoch", "--disable_tqdm": "true",
+        "--output_dir": "outputs/digits_demo",
+        "--num_train_epochs": "30",
+        "--per_device_train_batch_size": "256",
+        "--learning_rate": "0.003",
+        "--use_cpu": "true",
+        "--report_to": "none",
+        "--save_strategy": "no",
+        "--eval_strategy": "no",
+        "--logging_strategy": "epoch",
+        "--disable_tqdm": "true",
         "--smoothout_strength": "0.02",
     }
     for flag, value in defaults.items():

@@ -17,9 +17,9 @@ import torch.distributed as dist
 from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import TinyClassifier, make_classification_data  # noqa: E402
+from conftest import TinyClassifier, make_classification_data
 
-from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments  # noqa: E402
+from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
 
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:

@@ -18,13 +18,41 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 def test_two_process_ddp_keeps_replicas_identical(tmp_path):
     steps = 20
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-        "--use_cpu", "--output_dir", str(tmp_path), "--max_steps", str(steps), "--per_device_train_batch_size", "8",
-        "--learning_rate", "0.05", "--logging_steps", "5", "--report_to", "none", "--save_strategy", "no",
-        "--disable_tqdm", "true", "--smoothout_strength", "0.3", "--smoothout_adapt", "filter", "--seed", "3",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        "--use_cpu",
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "0.05",
+        "--logging_steps",
+        "5",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--smoothout_strength",
+        "0.3",
+        "--smoothout_adapt",
+        "filter",
+        "--seed",
+        "3",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

@@ -40,7 +40,14 @@ ROW_DIMS = {
     "embedding.weight": (1,),
     "head.weight": (1,),
 }
-UNTOUCHED = ["batch_norm.weight", "batch_norm.bias", "layer_norm.weight", "layer_norm.bias", "frozen.weight", "frozen.bias"]
+UNTOUCHED = [
+    "batch_norm.weight",
+    "batch_norm.bias",
+    "layer_norm.weight",
+    "layer_norm.bias",
+    "frozen.weight",
+    "frozen.bias",
+]
 
 
 def draw(model: nn.Module, config: SmoothOutConfig, step: int = 0, total: int | None = None):
@@ -68,7 +75,9 @@ def zoo() -> ZooModel:
 @pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
 def test_filter_rows_have_noise_norm_a_times_row_norm(zoo, restore, distribution):
     a = 0.05
-    noise, clean, _ = draw(zoo, SmoothOutConfig(strength=a, adapt="filter", distribution=distribution, restore=restore, seed=1))
+    noise, clean, _ = draw(
+        zoo, SmoothOutConfig(strength=a, adapt="filter", distribution=distribution, restore=restore, seed=1)
+    )
     for name, dims in ROW_DIMS.items():
         got = torch.linalg.vector_norm(noise[name], dim=dims)
         want = a * torch.linalg.vector_norm(clean[name].double(), dim=dims)
@@ -128,7 +137,13 @@ def test_moments(distribution, variance, kurtosis):
 def test_selection_rules(zoo):
     cfg = SmoothOutConfig(strength=0.1, exclude=["^head"], skip_bias=True, seed=0)
     noise, _, engine = draw(zoo, cfg)
-    assert set(engine.parameter_names) == {"linear.weight", "conv.weight", "conv_t.weight", "gpt2_conv1d.weight", "embedding.weight"}
+    assert set(engine.parameter_names) == {
+        "linear.weight",
+        "conv.weight",
+        "conv_t.weight",
+        "gpt2_conv1d.weight",
+        "embedding.weight",
+    }
     for name in ["head.weight", "head.bias", "linear.bias", *UNTOUCHED]:
         assert torch.count_nonzero(noise[name]) == 0, name
 
@@ -159,7 +174,9 @@ def test_schedule_scales_the_noise(schedule):
     noise, clean, engine = draw(model, cfg, step, total)
     expected = engine.strength_at(step, total)
     assert engine.current_strength == expected
-    torch.testing.assert_close(noise["weight"].norm(dim=1), expected * clean["weight"].double().norm(dim=1), rtol=2e-4, atol=0)
+    torch.testing.assert_close(
+        noise["weight"].norm(dim=1), expected * clean["weight"].double().norm(dim=1), rtol=2e-4, atol=0
+    )
 
 
 def test_zero_strength_touches_nothing(zoo):

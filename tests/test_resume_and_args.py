@@ -27,13 +27,17 @@ def test_resume_continues_bit_identically(tmp_path, restore):
     common = dict(max_steps=8, save_strategy="steps", save_steps=4, gradient_accumulation_steps=2)
 
     full_model = model_with_seed(dropout=0.1)
-    full = SmoothOutTrainer(full_model, training_args(tmp_path / "full", **common), train_dataset=data, smoothout_config=cfg)
+    full = SmoothOutTrainer(
+        full_model, training_args(tmp_path / "full", **common), train_dataset=data, smoothout_config=cfg
+    )
     full.train()
     checkpoint = tmp_path / "full" / "out" / "checkpoint-4"
     assert (checkpoint / STATE_FILE.format(rank=0)).is_file()
 
     resumed_model = model_with_seed(dropout=0.1)
-    resumed = SmoothOutTrainer(resumed_model, training_args(tmp_path / "resumed", **common), train_dataset=data, smoothout_config=cfg)
+    resumed = SmoothOutTrainer(
+        resumed_model, training_args(tmp_path / "resumed", **common), train_dataset=data, smoothout_config=cfg
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert_params_equal(resumed_model, clone_params(full_model))
 
@@ -43,11 +47,15 @@ def test_resume_without_noise_state_warns_and_differs(tmp_path, caplog):
     cfg = SmoothOutConfig(strength=0.2, seed=5)
     common = dict(max_steps=4, save_strategy="steps", save_steps=2)
     full_model = model_with_seed()
-    SmoothOutTrainer(full_model, training_args(tmp_path / "full", **common), train_dataset=data, smoothout_config=cfg).train()
+    SmoothOutTrainer(
+        full_model, training_args(tmp_path / "full", **common), train_dataset=data, smoothout_config=cfg
+    ).train()
     checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
     os.remove(checkpoint / STATE_FILE.format(rank=0))
     resumed_model = model_with_seed()
-    resumed = SmoothOutTrainer(resumed_model, training_args(tmp_path / "r", **common), train_dataset=data, smoothout_config=cfg)
+    resumed = SmoothOutTrainer(
+        resumed_model, training_args(tmp_path / "r", **common), train_dataset=data, smoothout_config=cfg
+    )
     import logging
 
     from transformers.utils import logging as hf_logging
@@ -63,21 +71,59 @@ def test_arguments_parse_every_config_field(tmp_path):
     parser = HfArgumentParser(SmoothOutTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
         [
-            "--output_dir", str(tmp_path), "--seed", "7", "--smoothout_strength", "0.02", "--smoothout_adapt", "weight",
-            "--smoothout_distribution", "gaussian", "--smoothout_schedule", "tanh", "--smoothout_anneal_index", "0.7",
-            "--smoothout_tanh_scale", "4", "--smoothout_samples", "2", "--smoothout_restore", "regenerate",
-            "--smoothout_skip_norm_layers", "false", "--smoothout_skip_bias", "true",
-            "--smoothout_include", "encoder", "decoder", "--smoothout_exclude", "lm_head",
-            "--smoothout_independent_ranks", "false",
+            "--output_dir",
+            str(tmp_path),
+            "--seed",
+            "7",
+            "--smoothout_strength",
+            "0.02",
+            "--smoothout_adapt",
+            "weight",
+            "--smoothout_distribution",
+            "gaussian",
+            "--smoothout_schedule",
+            "tanh",
+            "--smoothout_anneal_index",
+            "0.7",
+            "--smoothout_tanh_scale",
+            "4",
+            "--smoothout_samples",
+            "2",
+            "--smoothout_restore",
+            "regenerate",
+            "--smoothout_skip_norm_layers",
+            "false",
+            "--smoothout_skip_bias",
+            "true",
+            "--smoothout_include",
+            "encoder",
+            "decoder",
+            "--smoothout_exclude",
+            "lm_head",
+            "--smoothout_independent_ranks",
+            "false",
         ]
     )
     cfg = args.to_smoothout_config()
     assert cfg == SmoothOutConfig(
-        strength=0.02, adapt="weight", distribution="gaussian", schedule="tanh", anneal_index=0.7, tanh_scale=4.0,
-        samples=2, restore="regenerate", skip_norm_layers=False, skip_bias=True, include=["encoder", "decoder"],
-        exclude=["lm_head"], seed=7, independent_ranks=False,
+        strength=0.02,
+        adapt="weight",
+        distribution="gaussian",
+        schedule="tanh",
+        anneal_index=0.7,
+        tanh_scale=4.0,
+        samples=2,
+        restore="regenerate",
+        skip_norm_layers=False,
+        skip_bias=True,
+        include=["encoder", "decoder"],
+        exclude=["lm_head"],
+        seed=7,
+        independent_ranks=False,
     )
-    fields = {f.name for f in SmoothOutTrainingArguments.__dataclass_fields__.values() if f.name.startswith("smoothout_")}
+    fields = {
+        f.name for f in SmoothOutTrainingArguments.__dataclass_fields__.values() if f.name.startswith("smoothout_")
+    }
     assert fields == {"smoothout_" + name for name in SmoothOutConfig.field_names()}
 
 
@@ -102,10 +148,18 @@ def test_help_documents_the_options(capsys):
 def test_conflicting_config_sources_are_refused(tmp_path):
     args = SmoothOutTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", smoothout_strength=0.3)
     with pytest.raises(ValueError, match="Pass only one"):
-        SmoothOutTrainer(model_with_seed(), args, train_dataset=make_classification_data(),
-                         smoothout_config=SmoothOutConfig(strength=0.1))
-    trainer = SmoothOutTrainer(model_with_seed(), args, train_dataset=make_classification_data(),
-                               smoothout_config=SmoothOutConfig(strength=0.3))
+        SmoothOutTrainer(
+            model_with_seed(),
+            args,
+            train_dataset=make_classification_data(),
+            smoothout_config=SmoothOutConfig(strength=0.1),
+        )
+    trainer = SmoothOutTrainer(
+        model_with_seed(),
+        args,
+        train_dataset=make_classification_data(),
+        smoothout_config=SmoothOutConfig(strength=0.3),
+    )
     assert trainer.smoothout_config.strength == 0.3 and trainer.smoothout_config.seed == args.seed
 
 
@@ -115,16 +169,25 @@ class SmoothOutSeq2SeqTrainer(SmoothOutMixin, Seq2SeqTrainer):
 
 def test_mixin_with_seq2seq_trainer(tmp_path):
     torch.manual_seed(0)
-    config = T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                      decoder_start_token_id=0, pad_token_id=0)
+    config = T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0, pad_token_id=0
+    )
     model = T5ForConditionalGeneration(config)
     g = torch.Generator().manual_seed(0)
     data = [
         {"input_ids": torch.randint(1, 40, (7,), generator=g), "labels": torch.randint(1, 40, (5,), generator=g)}
         for _ in range(32)
     ]
-    args = Seq2SeqTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=8,
-                                    max_steps=4, logging_steps=2, learning_rate=1e-2, disable_tqdm=True)
+    args = Seq2SeqTrainingArguments(
+        str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=8,
+        max_steps=4,
+        logging_steps=2,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+    )
 
     class Checked(SmoothOutSeq2SeqTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -143,7 +206,11 @@ def test_mixin_with_seq2seq_trainer(tmp_path):
 
 
 def test_strength_zero_logs_zero(tmp_path):
-    trainer = SmoothOutTrainer(model_with_seed(), training_args(tmp_path, max_steps=2), train_dataset=make_classification_data(),
-                               smoothout_config=SmoothOutConfig(strength=0.0))
+    trainer = SmoothOutTrainer(
+        model_with_seed(),
+        training_args(tmp_path, max_steps=2),
+        train_dataset=make_classification_data(),
+        smoothout_config=SmoothOutConfig(strength=0.0),
+    )
     trainer.train()
     assert [h["smoothout_strength"] for h in trainer.state.log_history if "loss" in h] == [0.0, 0.0]

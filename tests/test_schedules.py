@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -10,14 +11,14 @@ def test_constant(step):
     assert noise_coefficient("constant", step) == 1.0
 
 
-@pytest.mark.parametrize(("step", "index", "expected"), [(0, 0.55, 1.0), (3, 0.55, 4 ** -0.275), (99, 1.0, 0.1)])
+@pytest.mark.parametrize(("step", "index", "expected"), [(0, 0.55, 1.0), (3, 0.55, 4**-0.275), (99, 1.0, 0.1)])
 def test_anneal_values(step, index, expected):
     assert noise_coefficient("anneal", step, anneal_index=index) == pytest.approx(expected, rel=1e-12)
 
 
 def test_anneal_decreases():
     values = [noise_coefficient("anneal", t) for t in range(50)]
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in itertools.pairwise(values))
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ class GradCapture(TrainerCallback):
 def hand_gradient(model: torch.nn.Module, weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]):
     params = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
     loss = functional_call(model, params, (), inputs)["loss"]
-    return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
 
 
 def test_zero_strength_is_bit_identical_to_plain_trainer(tmp_path):
@@ -91,7 +91,9 @@ def test_noise_does_not_disturb_the_global_rng(tmp_path):
     for strength in (0.0, 0.1):
         model = model_with_seed(dropout=0.2)
         trainer = SmoothOutTrainer(
-            model, training_args(tmp_path / str(strength), max_steps=3), train_dataset=data,
+            model,
+            training_args(tmp_path / str(strength), max_steps=3),
+            train_dataset=data,
             smoothout_config=SmoothOutConfig(strength=strength),
         )
         trainer.train()
@@ -107,7 +109,10 @@ def test_gradient_equals_hand_gradient_at_perturbed_points(tmp_path, samples, ac
     capture = GradCapture()
     args = training_args(tmp_path, max_steps=2, gradient_accumulation_steps=accumulation, max_grad_norm=0.0)
     trainer = SmoothOutTrainer(
-        model, args, train_dataset=data, callbacks=[capture],
+        model,
+        args,
+        train_dataset=data,
+        callbacks=[capture],
         smoothout_config=SmoothOutConfig(strength=0.2, samples=samples, seed=1),
     )
     trainer.train()
@@ -141,7 +146,12 @@ def test_loss_scaling_matches_plain_trainer_under_accumulation(tmp_path):
         ("k3", SmoothOutTrainer, SmoothOutConfig(strength=1e-30, adapt="none", samples=3)),
     ]:
         kwargs = {} if cfg is None else {"smoothout_config": cfg}
-        trainer = cls(model_with_seed(), training_args(tmp_path / name, gradient_accumulation_steps=4), train_dataset=data, **kwargs)
+        trainer = cls(
+            model_with_seed(),
+            training_args(tmp_path / name, gradient_accumulation_steps=4),
+            train_dataset=data,
+            **kwargs,
+        )
         trainer.train()
         losses[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses["plain"] == pytest.approx(losses["k1"], rel=1e-6)
@@ -186,11 +196,22 @@ def test_every_training_step_leaves_clean_weights_and_eval_and_checkpoints_see_t
             return loss
 
     args = training_args(
-        tmp_path, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=3,
+        tmp_path,
+        gradient_accumulation_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=3,
         per_device_eval_batch_size=16,
     )
-    trainer = Checked(model, args, train_dataset=data, eval_dataset=data, callbacks=[checker],
-                      smoothout_config=SmoothOutConfig(strength=0.5, seed=0))
+    trainer = Checked(
+        model,
+        args,
+        train_dataset=data,
+        eval_dataset=data,
+        callbacks=[checker],
+        smoothout_config=SmoothOutConfig(strength=0.5, seed=0),
+    )
     ref.append(trainer)
     trainer.train()
     assert Checked.steps_checked == 12 and checker.eval_checks >= 3
@@ -203,8 +224,12 @@ def test_every_training_step_leaves_clean_weights_and_eval_and_checkpoints_see_t
 def test_weights_clean_when_forward_or_backward_raises(tmp_path):
     data = make_classification_data()
     model = model_with_seed()
-    trainer = SmoothOutTrainer(model, training_args(tmp_path), train_dataset=data,
-                               smoothout_config=SmoothOutConfig(strength=0.5, samples=2, seed=0))
+    trainer = SmoothOutTrainer(
+        model,
+        training_args(tmp_path),
+        train_dataset=data,
+        smoothout_config=SmoothOutConfig(strength=0.5, samples=2, seed=0),
+    )
     trainer.current_gradient_accumulation_steps = 1  # set by train(); needed to call training_step directly
     batch = trainer.data_collator([data[i] for i in range(8)])
     clean = clone_params(model)
@@ -240,10 +265,14 @@ def test_strength_is_logged_with_the_schedule(tmp_path):
 def test_tanh_schedule_uses_max_steps(tmp_path):
     data = make_classification_data()
     cfg = SmoothOutConfig(strength=0.1, schedule="tanh", seed=0)
-    trainer = SmoothOutTrainer(model_with_seed(), training_args(tmp_path, max_steps=10), train_dataset=data, smoothout_config=cfg)
+    trainer = SmoothOutTrainer(
+        model_with_seed(), training_args(tmp_path, max_steps=10), train_dataset=data, smoothout_config=cfg
+    )
     trainer.train()
     values = [h["smoothout_strength"] for h in trainer.state.log_history if "loss" in h]
-    assert values == sorted(values) and values[4] == pytest.approx(0.1 * (torch.tanh(torch.tensor(10 * (4 / 10 - 0.5))).item() + 1) / 2)
+    assert values == sorted(values) and values[4] == pytest.approx(
+        0.1 * (torch.tanh(torch.tensor(10 * (4 / 10 - 0.5))).item() + 1) / 2
+    )
 
 
 def test_samples_refused_when_compute_loss_skips_super(tmp_path):
@@ -251,17 +280,25 @@ def test_samples_refused_when_compute_loss_skips_super(tmp_path):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return model(**inputs)["loss"]
 
-    trainer = OwnLoss(model_with_seed(), training_args(tmp_path), train_dataset=make_classification_data(),
-                      smoothout_config=SmoothOutConfig(samples=2))
-    with pytest.raises(RuntimeError, match="super\\(\\).compute_loss"):
+    trainer = OwnLoss(
+        model_with_seed(),
+        training_args(tmp_path),
+        train_dataset=make_classification_data(),
+        smoothout_config=SmoothOutConfig(samples=2),
+    )
+    with pytest.raises(RuntimeError, match=r"super\(\)\.compute_loss"):
         trainer.train()
 
 
 def test_regenerate_restore_trains_in_one_process(tmp_path):
     data = make_classification_data()
     model = model_with_seed()
-    trainer = SmoothOutTrainer(model, training_args(tmp_path), train_dataset=data,
-                               smoothout_config=SmoothOutConfig(strength=0.05, restore="regenerate"))
+    trainer = SmoothOutTrainer(
+        model,
+        training_args(tmp_path),
+        train_dataset=data,
+        smoothout_config=SmoothOutConfig(strength=0.05, restore="regenerate"),
+    )
     trainer.train()
     assert trainer.smoothout.buffer_bytes < sum(p.numel() * 4 for p in model.parameters()) + 70_000
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -297,8 +334,13 @@ def test_optimizer_train_mode_switch_happens_before_perturbing(tmp_path):
     clean = clone_params(model)
     optimizer = ShiftingOptimizer(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    trainer = SmoothOutTrainer(model, training_args(tmp_path), train_dataset=data, optimizers=(optimizer, scheduler),
-                               smoothout_config=SmoothOutConfig(strength=0.3))
+    trainer = SmoothOutTrainer(
+        model,
+        training_args(tmp_path),
+        train_dataset=data,
+        optimizers=(optimizer, scheduler),
+        smoothout_config=SmoothOutConfig(strength=0.3),
+    )
     trainer.current_gradient_accumulation_steps = 1
     batch = trainer.data_collator([data[i] for i in range(8)])
     trainer.training_step(model, batch)
@@ -309,16 +351,21 @@ def test_optimizer_train_mode_switch_happens_before_perturbing(tmp_path):
 def test_bf16_autocast_runs_and_warns_below_resolution(tmp_path):
     data = make_classification_data()
     model = model_with_seed()
-    trainer = SmoothOutTrainer(model, training_args(tmp_path, bf16=True), train_dataset=data,
-                               smoothout_config=SmoothOutConfig(strength=1e-4))
+    trainer = SmoothOutTrainer(
+        model, training_args(tmp_path, bf16=True), train_dataset=data, smoothout_config=SmoothOutConfig(strength=1e-4)
+    )
     with pytest.warns(UserWarning, match="resolution"):
         trainer.train()
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 
     import warnings
 
-    trainer = SmoothOutTrainer(model_with_seed(), training_args(tmp_path / "b", bf16=True), train_dataset=data,
-                               smoothout_config=SmoothOutConfig(strength=0.05))
+    trainer = SmoothOutTrainer(
+        model_with_seed(),
+        training_args(tmp_path / "b", bf16=True),
+        train_dataset=data,
+        smoothout_config=SmoothOutConfig(strength=0.05),
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*resolution.*")
         trainer.train()
@@ -326,9 +373,13 @@ def test_bf16_autocast_runs_and_warns_below_resolution(tmp_path):
 
 def test_lomo_is_refused_at_construction(tmp_path):
     with pytest.raises(ValueError, match="during the backward"):
-        SmoothOutTrainer(model_with_seed(), training_args(tmp_path, optim="lomo"), train_dataset=make_classification_data())
+        SmoothOutTrainer(
+            model_with_seed(), training_args(tmp_path, optim="lomo"), train_dataset=make_classification_data()
+        )
 
 
 def test_plain_training_arguments_get_default_config_seeded_by_args(tmp_path):
-    trainer = SmoothOutTrainer(model_with_seed(), training_args(tmp_path, seed=123), train_dataset=make_classification_data())
+    trainer = SmoothOutTrainer(
+        model_with_seed(), training_args(tmp_path, seed=123), train_dataset=make_classification_data()
+    )
     assert trainer.smoothout_config == SmoothOutConfig(seed=123)
