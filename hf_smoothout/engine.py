@@ -3,6 +3,12 @@
 Works on any ``nn.Module`` and imports nothing from the Trainer, so a plain PyTorch or
 Accelerate loop can use it directly.
 
+Layout: the selected parameters are grouped by device and dtype, and each group is split into
+a fixed number of *noise streams* balanced by size, each with its own generator. The noise is a
+function of the seed, the rank and this fixed split only, so it does not depend on how many
+threads draw it. On CPU, where random-number generation dominates and is single-threaded per
+generator, streams are drawn in parallel by worker threads.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -20,7 +26,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +36,21 @@ import torch
 from torch import nn
 
 from .config import SmoothOutConfig
-from .noise import fill_noise_, rebuild_noise_, row_norm_buffers
+from .noise import add_noise_, draw_, remove_noise_, row_norm_buffers
 from .schedules import noise_coefficient
 from .selection import SelectedParameter, select_parameters
 
-# Scratch buffer of the regenerate/no-denoise path: at most this many elements per device and dtype,
-# at least one whole row, and no more than ~1.5 % of the selected parameters.
+STREAMS_PER_GROUP = 8
+"""Noise streams per (device, dtype) group: fixed, so the noise never depends on the thread count."""
+
+# Scratch buffer of the regenerate / no-denoise path, per worker: at least one whole row, at most
+# this many elements, and about 1/128 of the group's parameters in between.
 _MAX_SCRATCH_ELEMENTS = 1 << 20
 _MIN_SCRATCH_ELEMENTS = 1 << 14
-_SCRATCH_FRACTION = 64
+_SCRATCH_FRACTION = 128
+_MAX_SCRATCH_WORKERS = 2
+# Below this many CPU elements, thread dispatch costs more than it saves.
+_MIN_PARALLEL_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -52,25 +65,23 @@ class _Slot:
 
 
 @dataclass
-class _Group:
-    """Parameters sharing a device and dtype: foreach ops run per group."""
+class _Stream:
+    """Parameters of one device and dtype that draw, in a fixed order, from one generator."""
 
     device: torch.device
     dtype: torch.dtype
+    generator: torch.Generator
     slots: list[_Slot] = field(default_factory=list)
-    scratch: torch.Tensor | None = None
+    saved_state: torch.Tensor | None = None
+    chunks_done: int = 0
 
     @property
-    def params(self) -> list[torch.Tensor]:
-        return [s.param.data for s in self.slots]
-
-    @property
-    def backups(self) -> list[torch.Tensor]:
-        return [s.backup for s in self.slots]  # type: ignore[misc]
+    def numel(self) -> int:
+        return sum(s.param.numel() for s in self.slots)
 
 
-def derive_seed(base_seed: int, rank: int, independent_ranks: bool) -> int:
-    """The noise seed of ``rank``: the base seed, mixed with the rank when ranks draw independent noise.
+def derive_seed(base_seed: int, rank: int, independent_ranks: bool, stream: int = 0) -> int:
+    """Seed of noise stream ``stream`` on ``rank``; ranks share seeds unless ``independent_ranks``.
 
     Example:
         >>> derive_seed(42, 0, True) != derive_seed(42, 1, True)
@@ -80,7 +91,7 @@ def derive_seed(base_seed: int, rank: int, independent_ranks: bool) -> int:
     """
     if not independent_ranks:
         rank = 0
-    state = np.random.SeedSequence([int(base_seed), int(rank)]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([int(base_seed), int(rank), int(stream)]).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
@@ -88,6 +99,18 @@ def _distributed_rank_and_size() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _balanced_split(slots: list[_Slot], parts: int) -> list[list[_Slot]]:
+    """Split ``slots`` into at most ``parts`` lists of similar total size, each in model order."""
+    order = {id(s): i for i, s in enumerate(slots)}
+    bins: list[list[_Slot]] = [[] for _ in range(min(parts, len(slots)))]
+    loads = [0] * len(bins)
+    for slot in sorted(slots, key=lambda s: -s.param.numel()):
+        i = loads.index(min(loads))
+        bins[i].append(slot)
+        loads[i] += slot.param.numel()
+    return [sorted(b, key=lambda s: order[id(s)]) for b in bins if b]
 
 
 class SmoothOut:
@@ -103,6 +126,8 @@ class SmoothOut:
         config: the method's settings.
         rank: this process's rank (default: from ``torch.distributed`` when initialized, else 0).
         world_size: number of processes (same default).
+        num_threads: worker threads drawing CPU noise streams in parallel (default:
+            ``torch.get_num_threads()``); does not change the noise, only the speed.
 
     Example:
         >>> from torch import nn
@@ -121,9 +146,12 @@ class SmoothOut:
         *,
         rank: int | None = None,
         world_size: int | None = None,
+        num_threads: int | None = None,
     ) -> None:
         if not isinstance(config, SmoothOutConfig):
             raise TypeError(f"config must be a SmoothOutConfig, got {type(config).__name__}.")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}.")
         default_rank, default_world = _distributed_rank_and_size()
         self.rank = default_rank if rank is None else int(rank)
         self.world_size = default_world if world_size is None else int(world_size)
@@ -137,15 +165,17 @@ class SmoothOut:
         self.config = config
         self._selected: list[SelectedParameter] = select_parameters(model, config)
         base_seed = config.seed if config.seed is not None else torch.initial_seed() % (2**63)
-        self.seed = derive_seed(base_seed, self.rank, config.independent_ranks)
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._groups: list[_Group] = []
+        self.base_seed = base_seed
+        self.num_threads = num_threads if num_threads is not None else max(1, torch.get_num_threads())
+        self._streams: list[_Stream] = []
+        self._copy_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self._scratch: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._workers = 1
         self._layout: tuple[Any, ...] = ()
         self._perturbed = False
-        self._current_strength = 0.0
-        self._saved_generator_states: dict[torch.device, torch.Tensor] = {}
-        self._chunks_done = 0
         self._noop = False
+        self._current_strength = 0.0
         self._allocate()
 
     # ------------------------------------------------------------------ introspection
@@ -177,16 +207,14 @@ class SmoothOut:
     @property
     def buffer_bytes(self) -> int:
         """Bytes held by this engine's buffers (backups, scratch, per-row vectors)."""
-        total = 0
-        for group in self._groups:
-            if group.scratch is not None:
-                total += group.scratch.numel() * group.scratch.element_size()
-            for slot in group.slots:
-                if slot.backup is not None:
-                    total += slot.backup.numel() * slot.backup.element_size()
-                for buf in slot.norms or ():
-                    total += buf.numel() * buf.element_size()
-        return total
+        return sum(t.numel() * t.element_size() for t in self._buffers())
+
+    def _buffers(self) -> list[torch.Tensor]:
+        tensors = [t for bufs in self._scratch.values() for t in bufs]
+        for stream in self._streams:
+            for slot in stream.slots:
+                tensors.extend(t for t in (slot.backup, *(slot.norms or ())) if t is not None)
+        return tensors
 
     def strength_at(self, step: int, total_steps: int | None = None) -> float:
         """Effective noise strength ``a * coef(step)``.
@@ -212,37 +240,84 @@ class SmoothOut:
         return self.config.denoise and self.config.restore == "copy"
 
     def _allocate(self) -> None:
-        """(Re)build groups and buffers for the parameters' current device, dtype and shape."""
+        """(Re)build streams and buffers for the parameters' current device, dtype and shape."""
         if self._perturbed:
             raise RuntimeError("Cannot reallocate SmoothOut buffers while the weights are perturbed.")
         self._layout = self._current_layout()
-        groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
+        enabled = self.config.enabled
+        groups: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
         for sel in self._selected:
             p = sel.param
-            key = (p.device, p.dtype)
-            group = groups.setdefault(key, _Group(p.device, p.dtype))
             slot = _Slot(sel.name, p, sel.row_axis)
-            if self.config.enabled and self._uses_backup():
+            if enabled and self._uses_backup():
                 slot.backup = torch.empty_like(p.data, memory_format=torch.contiguous_format)
-            if self.config.enabled and self.config.adapt == "filter":
+            if enabled and self.config.adapt == "filter":
                 slot.norms = row_norm_buffers(p.data, sel.row_axis)
-            group.slots.append(slot)
-        if self.config.enabled and not self._uses_backup():
-            for group in groups.values():
-                total = sum(s.param.numel() for s in group.slots)
-                largest_row = max(_row_block(s.param, s.row_axis) for s in group.slots)
-                budget = max(_MIN_SCRATCH_ELEMENTS, min(_MAX_SCRATCH_ELEMENTS, total // _SCRATCH_FRACTION))
-                group.scratch = torch.empty(max(budget, largest_row), device=group.device, dtype=group.dtype)
-        self._groups = list(groups.values())
-        for device in {g.device for g in self._groups}:
-            if device not in self._generators:
+            groups.setdefault((p.device, p.dtype), []).append(slot)
+
+        self._streams, self._copy_groups, self._scratch = [], [], {}
+        cpu_numel = sum(s.param.numel() for (device, _), slots in groups.items() if device.type == "cpu" for s in slots)
+        self._workers = 1 if cpu_numel < _MIN_PARALLEL_ELEMENTS else min(self.num_threads, STREAMS_PER_GROUP)
+        if enabled and not self._uses_backup():
+            self._workers = min(self._workers, _MAX_SCRATCH_WORKERS)
+        stream_id = 0
+        for (device, dtype), slots in groups.items():
+            for part in _balanced_split(slots, STREAMS_PER_GROUP):
                 gen = torch.Generator(device=device)
-                gen.manual_seed(self.seed)
-                self._generators[device] = gen
+                gen.manual_seed(derive_seed(self.base_seed, self.rank, self.config.independent_ranks, stream_id))
+                self._streams.append(_Stream(device, dtype, gen, part))
+                stream_id += 1
+            if enabled and self._uses_backup():
+                self._copy_groups.append(([s.param.data for s in slots], [s.backup for s in slots]))  # type: ignore[misc]
+            if enabled and not self._uses_backup():
+                total = sum(s.param.numel() for s in slots)
+                largest_row = max(_row_block(s.param, s.row_axis) for s in slots)
+                size = max(
+                    largest_row, min(_MAX_SCRATCH_ELEMENTS, max(_MIN_SCRATCH_ELEMENTS, total // _SCRATCH_FRACTION))
+                )
+                workers = self._workers if device.type == "cpu" else 1
+                self._scratch[(device, dtype)] = [torch.empty(size, device=device, dtype=dtype) for _ in range(workers)]
 
     def _ensure_layout(self) -> None:
         if self._current_layout() != self._layout:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
             self._allocate()
+
+    def _run_streams(self, work: Callable[[_Stream, int], None]) -> None:
+        """Run ``work(stream, worker)`` on every stream: CPU streams on worker threads, others in order.
+
+        Every stream runs even if another fails; the first error is raised afterwards.
+        """
+        cpu = [s for s in self._streams if s.device.type == "cpu"]
+        workers = self._workers if cpu else 1
+        errors: list[BaseException] = []
+
+        def run_all(streams: list[_Stream], worker: int) -> None:
+            for stream in streams:
+                try:
+                    work(stream, worker)
+                except BaseException as err:  # collected, re-raised below
+                    errors.append(err)
+
+        if workers > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="smoothout")
+            loads: list[list[_Stream]] = [[] for _ in range(workers)]
+            sizes = [0] * workers
+            for stream in sorted(cpu, key=lambda s: -s.numel):
+                i = sizes.index(min(sizes))
+                loads[i].append(stream)
+                sizes[i] += stream.numel
+            futures = [self._pool.submit(run_all, streams, i) for i, streams in enumerate(loads)]
+            for future in futures:
+                future.result()
+            run_all([s for s in self._streams if s.device.type != "cpu"], 0)
+        else:
+            run_all(self._streams, 0)
+        if errors:
+            raise errors[0]
 
     # ------------------------------------------------------------------ perturb / restore
     def perturb(self, step: int = 0, total_steps: int | None = None) -> float:
@@ -256,112 +331,88 @@ class SmoothOut:
             raise RuntimeError("SmoothOut.perturb called twice without restore(); the weights are already perturbed.")
         strength = self.strength_at(step, total_steps)
         self._current_strength = strength
-        if strength == 0.0 or not self._selected:
+        self._noop = strength == 0.0 or not self._selected
+        if self._noop:
             self._perturbed = True
-            self._noop = True
             return strength
-        self._noop = False
         self._ensure_layout()
         with torch.no_grad():
             if self._uses_backup():
-                for group in self._groups:
-                    torch._foreach_copy_(group.backups, group.params)
-                self._perturbed = True
-                try:
-                    self._perturb_in_place(strength)
-                except BaseException:
-                    self.restore()
-                    raise
+                for params, backups in self._copy_groups:
+                    torch._foreach_copy_(backups, params)
             else:
-                self._saved_generator_states = {d: g.get_state() for d, g in self._generators.items()}
-                self._chunks_done = 0
-                self._perturbed = True
-                try:
-                    self._perturb_from_scratch(strength)
-                except BaseException:
-                    self.restore()
-                    raise
+                for stream in self._streams:
+                    stream.saved_state = stream.generator.get_state()
+                    stream.chunks_done = 0
+            self._perturbed = True
+            try:
+                self._run_streams(lambda stream, worker: self._perturb_stream(stream, worker, strength))
+            except BaseException:
+                self.restore()
+                raise
         return strength
 
-    def _perturb_in_place(self, strength: float) -> None:
-        """Copy mode: draw the noise straight into each parameter, then add the backed-up weights."""
+    def _perturb_stream(self, stream: _Stream, worker: int, strength: float) -> None:
         cfg = self.config
-        for group in self._groups:
-            gen = self._generators[group.device]
-            for slot in group.slots:
-                fill_noise_(
-                    slot.param.data,
-                    slot.backup,  # type: ignore[arg-type]
+        if self._uses_backup():
+            # Draw straight into the parameter, then one fused pass: param = backup + multiplier * draw.
+            for slot in stream.slots:
+                draw = draw_(slot.param.data, cfg.distribution, stream.generator)
+                add_noise_(
+                    draw,
+                    slot.backup,
+                    draw,  # type: ignore[arg-type]
                     adapt=cfg.adapt,
-                    distribution=cfg.distribution,
                     strength=strength,
                     row_axis=slot.row_axis,
-                    generator=gen,
                     norm_buffers=slot.norms,
                 )
-            torch._foreach_add_(group.params, group.backups)
-
-    def _perturb_from_scratch(self, strength: float) -> None:
-        """Regenerate / no-denoise mode: draw noise chunk by chunk into a small scratch buffer."""
-        cfg = self.config
-        for group in self._groups:
-            gen = self._generators[group.device]
-            for slot, weight, noise, norms in _chunks(group):
-                fill_noise_(
-                    noise,
-                    weight,
-                    adapt=cfg.adapt,
-                    distribution=cfg.distribution,
-                    strength=strength,
-                    row_axis=slot.row_axis,
-                    generator=gen,
-                    norm_buffers=norms,
-                )
-                weight.add_(noise)
-                self._chunks_done += 1
+            return
+        scratch = self._scratch[(stream.device, stream.dtype)][worker]
+        for slot, weight, draw, norms in _chunks(stream, scratch):
+            draw_(draw, cfg.distribution, stream.generator)
+            add_noise_(
+                weight, weight, draw, adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis, norm_buffers=norms
+            )
+            stream.chunks_done += 1
 
     def restore(self) -> None:
         """Remove the noise added by the last ``perturb`` (no-op when not perturbed).
 
         With ``restore="copy"`` the weights are bit-identical to before ``perturb``. With
-        ``"regenerate"`` the noise is redrawn from the saved generator state and subtracted (or
-        divided out, for ``adapt="weight"``): equal up to rounding. With ``denoise=False`` the
-        noise stays in the weights by design.
+        ``"regenerate"`` the noise is redrawn from the saved generator states and removed:
+        equal up to rounding. With ``denoise=False`` the noise stays in the weights by design.
         """
         if not self._perturbed:
             return
         if not self._noop and self.config.denoise:
             with torch.no_grad():
                 if self._uses_backup():
-                    for group in self._groups:
-                        torch._foreach_copy_(group.params, group.backups)
+                    for params, backups in self._copy_groups:
+                        torch._foreach_copy_(params, backups)
                 else:
-                    self._regenerate_and_remove()
+                    self._run_streams(self._regenerate_and_remove)
         self._perturbed = False
 
-    def _regenerate_and_remove(self) -> None:
+    def _regenerate_and_remove(self, stream: _Stream, worker: int) -> None:
         cfg = self.config
-        for device, state in self._saved_generator_states.items():
-            self._generators[device].set_state(state)
-        remaining = self._chunks_done
-        for group in self._groups:
-            gen = self._generators[group.device]
-            for _slot, weight, noise, norms in _chunks(group):
-                if remaining == 0:
-                    return
-                rebuild_noise_(
-                    noise,
-                    adapt=cfg.adapt,
-                    distribution=cfg.distribution,
-                    strength=self._current_strength,
-                    generator=gen,
-                    row_scale=None if norms is None else norms[0],
-                )
-                if cfg.adapt == "weight":
-                    weight.div_(noise)
-                else:
-                    weight.sub_(noise)
-                remaining -= 1
+        assert stream.saved_state is not None
+        stream.generator.set_state(stream.saved_state)
+        scratch = self._scratch[(stream.device, stream.dtype)][worker]
+        remaining = stream.chunks_done
+        for _slot, weight, draw, norms in _chunks(stream, scratch):
+            if remaining == 0:
+                break
+            draw_(draw, cfg.distribution, stream.generator)
+            remove_noise_(
+                weight,
+                draw,
+                adapt=cfg.adapt,
+                strength=self._current_strength,
+                row_scale=None if norms is None else norms[0],
+            )
+            remaining -= 1
+        stream.chunks_done = 0
 
     @contextlib.contextmanager
     def perturbed(self, step: int = 0, total_steps: int | None = None) -> Iterator[float]:
@@ -382,22 +433,28 @@ class SmoothOut:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Noise generator state, for bit-exact resume. Refused while perturbed."""
+        """Noise generator states, for bit-exact resume. Refused while perturbed."""
         if self._perturbed:
             raise RuntimeError("SmoothOut.state_dict() while the weights are perturbed; call restore() first.")
-        return {
-            "seed": self.seed,
-            "generators": {str(device): gen.get_state() for device, gen in self._generators.items()},
-        }
+        return {"base_seed": self.base_seed, "generators": [s.generator.get_state() for s in self._streams]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the noise generators saved by ``state_dict``."""
+        """Restore the noise generators saved by ``state_dict`` (same model and selection)."""
         if self._perturbed:
             raise RuntimeError("SmoothOut.load_state_dict() while the weights are perturbed; call restore() first.")
-        saved = state.get("generators", {})
-        for device, gen in self._generators.items():
-            if str(device) in saved:
-                gen.set_state(saved[str(device)].cpu())
+        saved = state.get("generators", [])
+        if len(saved) != len(self._streams):
+            raise ValueError(
+                f"SmoothOut state holds {len(saved)} noise streams but this engine has {len(self._streams)}: "
+                "it was saved for a different model, parameter selection or device placement."
+            )
+        for stream, gen_state in zip(self._streams, saved, strict=True):
+            stream.generator.set_state(gen_state.cpu())
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
 
 def _row_block(param: torch.Tensor, row_axis: int) -> int:
@@ -406,30 +463,28 @@ def _row_block(param: torch.Tensor, row_axis: int) -> int:
 
 
 def _chunks(
-    group: _Group,
+    stream: _Stream, scratch: torch.Tensor
 ) -> Iterator[tuple[_Slot, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
-    """Split every parameter of ``group`` into whole-row chunks that fit the scratch buffer.
+    """Split every parameter of ``stream`` into whole-row chunks that fit ``scratch``.
 
-    Yields ``(slot, weight_chunk, scratch_view, norm_buffer_chunks)``; the order is fixed, so
-    a regenerating pass sees the same chunks and the same random stream as the drawing pass.
+    Yields ``(slot, weight_chunk, scratch_view, norm_buffer_chunks)``. The order and sizes are a
+    function of the stream and the scratch size only, so a regenerating pass sees the same chunks
+    and the same random numbers as the drawing pass.
     """
-    scratch = group.scratch
-    assert scratch is not None
     capacity = scratch.numel()
-    for slot in group.slots:
+    for slot in stream.slots:
         weight = slot.param.data
-        axis = slot.row_axis if weight.ndim > 1 else 0
-        rows = weight.shape[axis] if weight.ndim > 0 else 1
-        per_row = _row_block(weight, axis) if weight.ndim > 0 else 1
-        rows_per_chunk = max(1, capacity // per_row)
         if weight.ndim == 0:
             yield slot, weight, scratch[:1].view(()), slot.norms
             continue
+        axis = slot.row_axis if weight.ndim > 1 else 0
+        rows = weight.shape[axis]
+        rows_per_chunk = max(1, capacity // _row_block(weight, axis))
         for start in range(0, rows, rows_per_chunk):
             length = min(rows_per_chunk, rows - start)
             weight_chunk = weight.narrow(axis, start, length)
-            noise = scratch[: weight_chunk.numel()].view(weight_chunk.shape)
+            draw = scratch[: weight_chunk.numel()].view(weight_chunk.shape)
             norms = None
             if slot.norms is not None:
                 norms = (slot.norms[0].narrow(axis, start, length), slot.norms[1].narrow(axis, start, length))
-            yield slot, weight_chunk, noise, norms
+            yield slot, weight_chunk, draw, norms

@@ -1,21 +1,23 @@
-"""Tensor-level noise laws: draw ``tau`` for a weight tensor, in place, with no allocation.
+"""Tensor-level noise laws: add ``tau`` to a weight tensor in place, with no allocation.
 
-The three scalings of the method (``../method``):
+The three scalings of the method, for a raw draw ``u ~ U(-1, 1)`` (or ``N(0, 1)``):
 
-* ``none``   -- ``tau = a * u`` with ``u ~ U(-1, 1)`` (or ``N(0, 1)``);
+* ``none``   -- ``tau = a * u``;
 * ``weight`` -- ``tau = a * w * u`` (element-wise; ``u`` is symmetric, so this has the law of
-  ``a * |w| * u`` and ``|tau| <= a * |w|`` for uniform ``u``);
+  ``a * |w| * u``, and ``|tau| <= a * |w|`` for uniform ``u``);
 * ``filter`` -- AdaSmoothOut: per output row, ``tau_row = a * ||w_row|| * u_row / (||u_row|| + 1e-6)``,
   so every row's noise vector has L2 norm ``a * ||w_row||``.
+
+Each law is applied as one fused pass (``out = w + multiplier * u``, via ``torch.add``/``addcmul``).
 
 Example:
     >>> import torch
     >>> w = torch.randn(3, 5)
-    >>> tau = torch.empty_like(w)
+    >>> u = draw_(torch.empty_like(w), "uniform", torch.Generator().manual_seed(0))
     >>> norms = row_norm_buffers(w, row_axis=0)
-    >>> _ = fill_noise_(tau, w, adapt="filter", distribution="uniform", strength=0.1,
-    ...                 row_axis=0, generator=torch.Generator().manual_seed(0), norm_buffers=norms)
-    >>> torch.allclose(tau.norm(dim=1), 0.1 * w.norm(dim=1), rtol=1e-4)
+    >>> noisy = torch.empty_like(w)
+    >>> _ = add_noise_(noisy, w, u, adapt="filter", strength=0.1, row_axis=0, norm_buffers=norms)
+    >>> torch.allclose((noisy - w).norm(dim=1), 0.1 * w.norm(dim=1), rtol=1e-4)
     True
 """
 
@@ -26,12 +28,12 @@ import torch
 ROW_NORM_EPS = 1e-6
 
 
-def draw_(out: torch.Tensor, distribution: str, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
-    """Fill ``out`` with ``scale * U(-1, 1)`` or ``scale * N(0, 1)`` from ``generator``."""
+def draw_(out: torch.Tensor, distribution: str, generator: torch.Generator) -> torch.Tensor:
+    """Fill ``out`` with ``U(-1, 1)`` or ``N(0, 1)`` samples from ``generator``."""
     if distribution == "uniform":
-        return out.uniform_(-scale, scale, generator=generator)
+        return out.uniform_(-1.0, 1.0, generator=generator)
     if distribution == "gaussian":
-        return out.normal_(0.0, scale, generator=generator)
+        return out.normal_(0.0, 1.0, generator=generator)
     raise ValueError(f"Unknown distribution {distribution!r}; allowed: uniform, gaussian.")
 
 
@@ -43,7 +45,7 @@ def row_norm_shape(tensor: torch.Tensor, row_axis: int) -> tuple[int, ...]:
 
 
 def row_norm_buffers(tensor: torch.Tensor, row_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two preallocated per-row buffers (weight norms, noise norms) for ``fill_noise_``."""
+    """Two preallocated per-row buffers (row scale, noise norms) for ``add_noise_`` in ``filter`` mode."""
     shape = row_norm_shape(tensor, row_axis)
     return (
         torch.empty(shape, device=tensor.device, dtype=tensor.dtype),
@@ -59,65 +61,67 @@ def row_norms_(tensor: torch.Tensor, row_axis: int, out: torch.Tensor) -> torch.
     return torch.linalg.vector_norm(tensor, ord=2, dim=dims, keepdim=True, out=out)
 
 
-def fill_noise_(
+def filter_scale_(
+    weight: torch.Tensor, draw: torch.Tensor, strength: float, row_axis: int, buffers: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Per-row multiplier ``a * ||w_row|| / (||u_row|| + eps)`` of AdaSmoothOut, written into ``buffers[0]``."""
+    scale, draw_norm = buffers
+    row_norms_(weight, row_axis, out=scale)
+    row_norms_(draw, row_axis, out=draw_norm)
+    draw_norm.add_(ROW_NORM_EPS)
+    return scale.div_(draw_norm).mul_(strength)
+
+
+def add_noise_(
     out: torch.Tensor,
     weight: torch.Tensor,
+    draw: torch.Tensor,
     *,
     adapt: str,
-    distribution: str,
     strength: float,
     row_axis: int,
-    generator: torch.Generator,
     norm_buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
-    """Overwrite ``out`` with the noise ``tau`` for the clean weights ``weight``.
+    """Write ``weight + tau`` into ``out``, where ``tau`` is built from the raw draw ``draw``.
 
-    ``out`` and ``weight`` have the same shape and must not overlap. Returns the per-row scale
-    (``filter`` mode: ``a * ||w_row|| / (||u_row|| + eps)``, held in ``norm_buffers[0]``) so the
-    same noise can be rebuilt from the same random draw; ``None`` for the other modes.
+    ``out`` may be ``draw`` itself (noise drawn straight into the parameter, ``weight`` its backup)
+    or ``weight`` itself (noise drawn into a scratch buffer). Returns the per-row scale for
+    ``filter`` (needed to rebuild the same noise later), else ``None``.
     """
     if adapt == "none":
-        draw_(out, distribution, generator, strength)
+        torch.add(weight, draw, alpha=strength, out=out)
         return None
     if adapt == "weight":
-        draw_(out, distribution, generator, strength)
-        out.mul_(weight)
+        torch.addcmul(weight, draw, weight, value=strength, out=out)
         return None
     if adapt == "filter":
         if norm_buffers is None:
             raise ValueError("adapt='filter' needs norm_buffers (see row_norm_buffers).")
-        scale, noise_norm = norm_buffers
-        draw_(out, distribution, generator)
-        row_norms_(weight, row_axis, out=scale)
-        row_norms_(out, row_axis, out=noise_norm)
-        noise_norm.add_(ROW_NORM_EPS)
-        scale.div_(noise_norm).mul_(strength)
-        out.mul_(scale)
+        scale = filter_scale_(weight, draw, strength, row_axis, norm_buffers)
+        torch.addcmul(weight, draw, scale, out=out)
         return scale
     raise ValueError(f"Unknown adapt mode {adapt!r}; allowed: filter, none, weight.")
 
 
-def rebuild_noise_(
-    out: torch.Tensor,
+def remove_noise_(
+    noisy: torch.Tensor,
+    draw: torch.Tensor,
     *,
     adapt: str,
-    distribution: str,
     strength: float,
-    generator: torch.Generator,
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Redraw the noise of an earlier ``fill_noise_`` call from the same generator state.
+    """Undo ``add_noise_`` in place on ``noisy`` given the same raw draw (equal up to rounding).
 
-    For ``none`` and ``filter`` ``out`` receives ``tau`` itself (``filter`` needs the returned
-    ``row_scale``); for ``weight`` it receives the factor ``1 + a * u`` by which the weight was
-    multiplied, since ``w`` itself is no longer known.
+    ``filter`` needs the ``row_scale`` that ``add_noise_`` returned. ``draw`` is overwritten for
+    ``weight`` (it becomes the factor ``1 + a * u`` the weight was multiplied by).
     """
     if adapt == "none":
-        return draw_(out, distribution, generator, strength)
+        return noisy.add_(draw, alpha=-strength)
     if adapt == "weight":
-        return draw_(out, distribution, generator, strength).add_(1.0)
+        return noisy.div_(draw.mul_(strength).add_(1.0))
     if adapt == "filter":
         if row_scale is None:
-            raise ValueError("adapt='filter' needs the row_scale returned by fill_noise_.")
-        return draw_(out, distribution, generator).mul_(row_scale)
+            raise ValueError("adapt='filter' needs the row_scale returned by add_noise_.")
+        return noisy.addcmul_(draw, row_scale, value=-1.0)
     raise ValueError(f"Unknown adapt mode {adapt!r}; allowed: filter, none, weight.")

@@ -50,7 +50,7 @@ def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch):
     engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.5, seed=0))
     clean = clone_params(tiny_model)
     calls = {"n": 0}
-    real = engine_module.fill_noise_
+    real = engine_module.add_noise_
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -58,7 +58,7 @@ def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch):
             raise MemoryError("simulated")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "fill_noise_", flaky)
+    monkeypatch.setattr(engine_module, "add_noise_", flaky)
     with pytest.raises(MemoryError):
         engine.perturb()
     assert not engine.is_perturbed
@@ -71,7 +71,7 @@ def test_regenerate_failure_while_drawing_is_undone(tiny_model, monkeypatch, ada
 
     engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.3, adapt=adapt, restore="regenerate", seed=0))
     clean = clone_params(tiny_model)
-    real = engine_module.fill_noise_
+    real = engine_module.add_noise_
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -80,7 +80,7 @@ def test_regenerate_failure_while_drawing_is_undone(tiny_model, monkeypatch, ada
             raise MemoryError("simulated")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "fill_noise_", flaky)
+    monkeypatch.setattr(engine_module, "add_noise_", flaky)
     with pytest.raises(MemoryError):
         engine.perturb()
     for name, p in tiny_model.named_parameters():
@@ -146,21 +146,11 @@ def test_state_dict_round_trip_reproduces_the_noise(tiny_model):
 @pytest.mark.parametrize("restore", ["copy", "regenerate"])
 def test_buffers_are_allocated_once(tiny_model, restore):
     engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.1, restore=restore, seed=0))
-    pointers = [
-        t.data_ptr()
-        for g in engine._groups
-        for t in ([g.scratch] if g.scratch is not None else [])
-        + [b for s in g.slots for b in (s.backup, *(s.norms or ())) if b is not None]
-    ]
+    pointers = [t.data_ptr() for t in engine._buffers()]
     for step in range(5):
         with engine.perturbed(step):
             pass
-    after = [
-        t.data_ptr()
-        for g in engine._groups
-        for t in ([g.scratch] if g.scratch is not None else [])
-        + [b for s in g.slots for b in (s.backup, *(s.norms or ())) if b is not None]
-    ]
+    after = [t.data_ptr() for t in engine._buffers()]
     assert pointers == after
 
 
@@ -208,3 +198,58 @@ def test_denoise_off_leaves_noise_in_weights(tiny_model):
     assert_params_equal(tiny_model, perturbed)
     assert not torch.equal(perturbed["fc1.weight"], clean["fc1.weight"])
     assert engine.buffer_bytes < sum(p.numel() * 4 for p in tiny_model.parameters()) + 1e6
+
+
+def _big_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(2000, 256), nn.Linear(256, 1024), nn.Linear(1024, 512), nn.Conv1d(4, 8, 3))
+
+
+@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+@pytest.mark.parametrize("adapt", ["filter", "none", "weight"])
+def test_noise_does_not_depend_on_thread_count(restore, adapt):
+    """Large CPU models draw their noise streams on worker threads; the noise must be the same."""
+    results = []
+    for threads in (1, 2, 3):
+        model = _big_model()
+        clean = clone_params(model)
+        engine = SmoothOut(
+            model, SmoothOutConfig(strength=0.1, adapt=adapt, restore=restore, seed=4), num_threads=threads
+        )
+        assert engine._workers == (1 if threads == 1 else min(threads, 2 if restore == "regenerate" else 8))
+        with engine.perturbed(step=0):
+            results.append(clone_params(model))
+        if restore == "copy":
+            assert_params_equal(model, clean)
+        else:
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.detach(), clean[name], rtol=1e-6, atol=1e-6)
+    for other in results[1:]:
+        for name in results[0]:
+            assert torch.equal(results[0][name], other[name]), name
+
+
+@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+def test_failure_on_a_worker_thread_is_raised_and_undone(monkeypatch, restore):
+    import hf_smoothout.engine as engine_module
+
+    model = _big_model()
+    clean = clone_params(model)
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.3, restore=restore, seed=0), num_threads=2)
+    real = engine_module.add_noise_
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated on a worker")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "add_noise_", flaky)
+    with pytest.raises(MemoryError, match="worker"):
+        engine.perturb()
+    assert not engine.is_perturbed
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), clean[name], rtol=1e-6, atol=1e-6)
+    if restore == "copy":
+        assert_params_equal(model, clean)
