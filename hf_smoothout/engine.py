@@ -4,10 +4,12 @@ Works on any ``nn.Module`` and imports nothing from the Trainer, so a plain PyTo
 Accelerate loop can use it directly.
 
 Layout: the selected parameters are grouped by device and dtype, and each group is split into
-a fixed number of *noise streams* balanced by size, each with its own generator. The noise is a
-function of the seed, the rank and this fixed split only, so it does not depend on how many
-threads draw it. On CPU, where random-number generation dominates and is single-threaded per
-generator, streams are drawn in parallel by worker threads.
+a fixed number of *noise streams* balanced by size, each with its own generator. Before every
+draw a stream's generator is seeded from ``(seed, rank, stream, draw index)``: the noise is a
+function of those alone (not of the thread count), the regenerate restore re-seeds to redraw it
+without saving generator states, and a checkpoint only needs the draw index. On CPU, where
+random-number generation dominates and is single-threaded per generator, streams are drawn in
+parallel by worker threads.
 
 Example:
     >>> import torch
@@ -31,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -71,8 +72,8 @@ class _Stream:
     device: torch.device
     dtype: torch.dtype
     generator: torch.Generator
+    stream_id: int
     slots: list[_Slot] = field(default_factory=list)
-    saved_state: torch.Tensor | None = None
     chunks_done: int = 0
 
     @property
@@ -80,19 +81,30 @@ class _Stream:
         return sum(s.param.numel() for s in self.slots)
 
 
-def derive_seed(base_seed: int, rank: int, independent_ranks: bool, stream: int = 0) -> int:
-    """Seed of noise stream ``stream`` on ``rank``; ranks share seeds unless ``independent_ranks``.
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One round of the SplitMix64 finalizer: a well-mixed 64-bit hash of ``x``."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(base_seed: int, rank: int, stream: int = 0, draw: int = 0) -> int:
+    """Seed of draw number ``draw`` of noise stream ``stream`` on ``rank`` (a 63-bit integer).
 
     Example:
-        >>> derive_seed(42, 0, True) != derive_seed(42, 1, True)
+        >>> derive_seed(42, rank=0) != derive_seed(42, rank=1)
         True
-        >>> derive_seed(42, 0, False) == derive_seed(42, 1, False)
+        >>> derive_seed(42, 0, stream=1, draw=5) == derive_seed(42, 0, stream=1, draw=5)
         True
     """
-    if not independent_ranks:
-        rank = 0
-    state = np.random.SeedSequence([int(base_seed), int(rank), int(stream)]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
+    h = _splitmix64(int(base_seed) & _MASK64)
+    for part in (rank, stream, draw):
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    return h >> 1
 
 
 def _distributed_rank_and_size() -> tuple[int, int]:
@@ -172,6 +184,8 @@ class SmoothOut:
         self._scratch: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._workers = 1
+        self._noise_rank = self.rank if config.independent_ranks else 0
+        self._draws = 0  # noise draws so far: the only state a checkpoint needs
         self._layout: tuple[Any, ...] = ()
         self._perturbed = False
         self._noop = False
@@ -263,9 +277,7 @@ class SmoothOut:
         stream_id = 0
         for (device, dtype), slots in groups.items():
             for part in _balanced_split(slots, STREAMS_PER_GROUP):
-                gen = torch.Generator(device=device)
-                gen.manual_seed(derive_seed(self.base_seed, self.rank, self.config.independent_ranks, stream_id))
-                self._streams.append(_Stream(device, dtype, gen, part))
+                self._streams.append(_Stream(device, dtype, torch.Generator(device=device), stream_id, part))
                 stream_id += 1
             if enabled and self._uses_backup():
                 self._copy_groups.append(([s.param.data for s in slots], [s.backup for s in slots]))  # type: ignore[misc]
@@ -340,10 +352,9 @@ class SmoothOut:
             if self._uses_backup():
                 for params, backups in self._copy_groups:
                     torch._foreach_copy_(backups, params)
-            else:
-                for stream in self._streams:
-                    stream.saved_state = stream.generator.get_state()
-                    stream.chunks_done = 0
+            for stream in self._streams:
+                self._seed_stream(stream)
+                stream.chunks_done = 0
             self._perturbed = True
             try:
                 self._run_streams(lambda stream, worker: self._perturb_stream(stream, worker, strength))
@@ -351,6 +362,9 @@ class SmoothOut:
                 self.restore()
                 raise
         return strength
+
+    def _seed_stream(self, stream: _Stream) -> None:
+        stream.generator.manual_seed(derive_seed(self.base_seed, self._noise_rank, stream.stream_id, self._draws))
 
     def _perturb_stream(self, stream: _Stream, worker: int, strength: float) -> None:
         cfg = self.config
@@ -393,11 +407,11 @@ class SmoothOut:
                 else:
                     self._run_streams(self._regenerate_and_remove)
         self._perturbed = False
+        self._draws += 1
 
     def _regenerate_and_remove(self, stream: _Stream, worker: int) -> None:
         cfg = self.config
-        assert stream.saved_state is not None
-        stream.generator.set_state(stream.saved_state)
+        self._seed_stream(stream)
         scratch = self._scratch[(stream.device, stream.dtype)][worker]
         remaining = stream.chunks_done
         for _slot, weight, draw, norms in _chunks(stream, scratch):
@@ -433,23 +447,29 @@ class SmoothOut:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Noise generator states, for bit-exact resume. Refused while perturbed."""
+        """The noise position (seed and draw count), for bit-exact resume. Refused while perturbed.
+
+        Example:
+            >>> from torch import nn
+            >>> so = SmoothOut(nn.Linear(2, 2), SmoothOutConfig(seed=3))
+            >>> with so.perturbed():
+            ...     pass
+            >>> so.state_dict()
+            {'base_seed': 3, 'draws': 1}
+        """
         if self._perturbed:
             raise RuntimeError("SmoothOut.state_dict() while the weights are perturbed; call restore() first.")
-        return {"base_seed": self.base_seed, "generators": [s.generator.get_state() for s in self._streams]}
+        return {"base_seed": self.base_seed, "draws": self._draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the noise generators saved by ``state_dict`` (same model and selection)."""
+        """Continue the noise sequence saved by ``state_dict`` (seed and draw count)."""
         if self._perturbed:
             raise RuntimeError("SmoothOut.load_state_dict() while the weights are perturbed; call restore() first.")
-        saved = state.get("generators", [])
-        if len(saved) != len(self._streams):
-            raise ValueError(
-                f"SmoothOut state holds {len(saved)} noise streams but this engine has {len(self._streams)}: "
-                "it was saved for a different model, parameter selection or device placement."
-            )
-        for stream, gen_state in zip(self._streams, saved, strict=True):
-            stream.generator.set_state(gen_state.cpu())
+        missing = {"base_seed", "draws"} - set(state)
+        if missing:
+            raise ValueError(f"Not a SmoothOut state: missing {sorted(missing)}.")
+        self.base_seed = int(state["base_seed"])
+        self._draws = int(state["draws"])
 
     def __del__(self) -> None:
         pool = getattr(self, "_pool", None)
