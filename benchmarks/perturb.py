@@ -62,8 +62,12 @@ def main() -> None:
     device = torch.device(args.device)
 
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=4 * args.hidden,
-                        num_attention_heads=max(1, args.hidden // 64))
+    config = BertConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        intermediate_size=4 * args.hidden,
+        num_attention_heads=max(1, args.hidden // 64),
+    )
     model = BertModel(config).to(device)
     variants: dict[str, SmoothOut] = {}
     for adapt in ("filter", "none", "weight"):
@@ -106,7 +110,10 @@ def main() -> None:
 
         return run
 
-    runs: dict[str, Callable[[], None]] = {"floor (1 RNG stream)": floor, f"floor ({threads} RNG threads)": floor_parallel}
+    runs: dict[str, Callable[[], None]] = {
+        "floor (1 RNG stream)": floor,
+        f"floor ({threads} RNG threads)": floor_parallel,
+    }
     runs.update({name: cycle(so) for name, so in variants.items()})
     for fn in runs.values():  # warm-up
         fn()

@@ -1,0 +1,205 @@
+"""Whole Trainer step time: plain `Trainer` vs `SmoothOutTrainer` variants vs a SAM-style two-pass step.
+
+Every arm trains the same model (same initial weights) on the same synthetic batches. Arms are
+interleaved round by round in one process (the machine's noise hits them alike); in each round
+every arm runs ``--steps`` optimizer steps through ``Trainer.train()`` and the first step of each
+round is discarded as warm-up. A callback times ``on_step_begin`` -> ``on_step_end`` (forward,
+backward, SmoothOut, clipping, optimizer step; not data loading). Printed: median step time, ratio
+to plain, and extra memory relative to the trainable parameter bytes (CUDA: peak allocated delta
+vs plain; CPU: bytes held by the SmoothOut engine).
+
+Usage:
+    python benchmarks/overhead.py --model minilm --batch 32 --seq 128      # MiniLM-size BERT, CPU
+    python benchmarks/overhead.py --model cnn --batch 256                  # small CNN
+    python benchmarks/overhead.py --model bert-base --batch 32 --seq 128   # GPU sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import time
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+from hf_smoothout import SmoothOutConfig, SmoothOutTrainer
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (device-synchronized)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+class SAMStyleTrainer(Trainer):
+    """Reference only: sharpness-aware two-pass step (ascent to w + rho * g/||g||, gradient there, back)."""
+
+    rho = 0.05
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        params = [p for p in model.parameters() if p.requires_grad]
+        super().training_step(model, inputs, num_items_in_batch)
+        with torch.no_grad():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            eps = torch._foreach_mul(grads, float(self.rho / (norm + 1e-12)))
+            torch._foreach_add_(params, eps)
+        model.zero_grad(set_to_none=True)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            with torch.no_grad():
+                torch._foreach_sub_(params, eps)
+        return loss
+
+
+class SmallCNN(nn.Module):
+    """conv(1->32) -> conv(32->64) -> fc(3136->256) -> fc(256->10), on 28x28 grayscale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.head(self.features(pixel_values))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def build(model_name: str, batch: int, seq: int, n_batches: int):
+    g = torch.Generator().manual_seed(0)
+    n = batch * n_batches
+    if model_name == "cnn":
+        model = SmallCNN()
+        x = torch.randn(n, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (n,), generator=g)
+        return model, [{"pixel_values": x[i], "labels": y[i]} for i in range(n)]
+    sizes = {"minilm": (384, 6, 12, 1536), "bert-base": (768, 12, 12, 3072)}[model_name]
+    hidden, layers, heads, inter = sizes
+    config = BertConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter, num_labels=2
+    )
+    model = BertForSequenceClassification(config)
+    model.accepts_loss_kwargs = False
+    ids = torch.randint(1000, config.vocab_size, (n, seq), generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    return model, [
+        {"input_ids": ids[i], "attention_mask": torch.ones(seq, dtype=torch.long), "labels": y[i]} for i in range(n)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["minilm", "bert-base", "cnn"], default="minilm")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per arm per round (first discarded)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--strength", type=float, default=0.01)
+    parser.add_argument("--arms", nargs="*", default=None, help="subset of arms to run (plain is always run)")
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    use_cpu = not torch.cuda.is_available()
+
+    torch.manual_seed(0)
+    base_model, data = build(args.model, args.batch, args.seq, args.steps)
+    param_bytes = sum(p.numel() * p.element_size() for p in base_model.parameters() if p.requires_grad)
+
+    arms: dict[str, tuple[type[Trainer], SmoothOutConfig | None]] = {"plain Trainer": (Trainer, None)}
+    for adapt in ("filter", "none", "weight"):
+        arms[f"SmoothOut {adapt}/copy"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, adapt=adapt))
+    arms["SmoothOut filter/regenerate"] = (
+        SmoothOutTrainer,
+        SmoothOutConfig(strength=args.strength, adapt="filter", restore="regenerate"),
+    )
+    arms["SmoothOut filter/copy K=2"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, samples=2))
+    arms["SAM-style two-pass"] = (SAMStyleTrainer, None)
+    if args.arms:
+        arms = {k: v for k, v in arms.items() if k == "plain Trainer" or k in args.arms}
+
+    trainers: dict[str, Trainer] = {}
+    timers: dict[str, StepTimer] = {}
+    for name, (cls, cfg) in arms.items():
+        targs = TrainingArguments(
+            output_dir="/tmp/hf_smoothout_overhead",
+            per_device_train_batch_size=args.batch,
+            max_steps=args.steps,
+            learning_rate=1e-4,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            use_cpu=use_cpu,
+            bf16=args.bf16,
+            dataloader_num_workers=0,
+            seed=0,
+        )
+        timers[name] = StepTimer()
+        kwargs = {"smoothout_config": cfg} if cfg is not None else {}
+        trainers[name] = cls(copy.deepcopy(base_model), targs, train_dataset=data, callbacks=[timers[name]], **kwargs)
+
+    peak: dict[str, list[int]] = {name: [] for name in arms}
+    samples: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            timers[name].times.clear()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            trainer.train()
+            if torch.cuda.is_available():
+                peak[name].append(torch.cuda.max_memory_allocated() - before)
+            samples[name].extend(timers[name].times[1:])
+
+    plain = statistics.median(samples["plain Trainer"])
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"model={args.model} ({param_bytes / 4 / 1e6:.1f}M trainable params) batch={args.batch}"
+        + (f"x{args.seq}" if args.model != "cnn" else "")
+        + f" device={device} torch={torch.__version__}"
+        + f" steps/arm={len(samples['plain Trainer'])} bf16={args.bf16}"
+    )
+    print(f"{'arm':<30} {'median step ms':>15} {'x plain':>8} {'extra memory / params':>22}")
+    for name in arms:
+        med = statistics.median(samples[name])
+        if torch.cuda.is_available():
+            extra = (max(peak[name]) - max(peak["plain Trainer"])) / param_bytes
+        else:
+            engine = getattr(trainers[name], "smoothout", None)
+            extra = (engine.buffer_bytes / param_bytes) if engine is not None else 0.0
+        print(f"{name:<30} {med * 1000:>15.1f} {med / plain:>8.3f} {extra:>22.4f}")
+
+
+if __name__ == "__main__":
+    main()
