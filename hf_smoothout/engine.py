@@ -176,6 +176,13 @@ class SmoothOut:
         self.model = model
         self.config = config
         self._selected: list[SelectedParameter] = select_parameters(model, config)
+        sharded = [s.name for s in self._selected if _is_dtensor(s.param)]
+        if sharded:
+            raise ValueError(
+                f"SmoothOut does not support sharded (DTensor) parameters yet, e.g. {sharded[0]!r} (FSDP2 or tensor "
+                "parallelism): per-row noise scaling and the restore need whole local tensors. Train with DDP, or "
+                "exclude those parameters with config.exclude."
+            )
         base_seed = config.seed if config.seed is not None else torch.initial_seed() % (2**63)
         self.base_seed = base_seed
         self.num_threads = num_threads if num_threads is not None else max(1, torch.get_num_threads())
@@ -475,6 +482,10 @@ class SmoothOut:
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" or type(tensor.data).__name__ == "DTensor"
 
 
 def _row_block(param: torch.Tensor, row_axis: int) -> int:

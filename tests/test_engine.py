@@ -253,3 +253,19 @@ def test_failure_on_a_worker_thread_is_raised_and_undone(monkeypatch, restore):
         torch.testing.assert_close(p.detach(), clean[name], rtol=1e-6, atol=1e-6)
     if restore == "copy":
         assert_params_equal(model, clean)
+
+
+def test_sharded_dtensor_parameters_are_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        model = nn.Linear(4, 4)
+        model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="DTensor"):
+            SmoothOut(model, SmoothOutConfig())
+        SmoothOut(model, SmoothOutConfig(exclude=["weight"]))  # the way out the message names
+    finally:
+        dist.destroy_process_group()
