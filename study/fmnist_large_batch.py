@@ -1,0 +1,474 @@
+"""Study: does SmoothOut close the large-batch generalization gap? Fashion-MNIST, trained from scratch.
+
+A Keskar-style fully connected net (5 hidden layers x 512 with batch norm) is trained with a
+small and a large batch for the same number of epochs (large-batch LR from the authors' rule,
+``lr * (B / b0) ** 0.5``), for three methods: baseline (``strength 0``), SmoothOut
+(``adapt none``) and AdaSmoothOut (``adapt filter``).
+
+Stages (each resumable: finished runs are read back from ``runs.jsonl`` and skipped):
+
+1. ``sweep``  -- per batch size and method, a strength grid with one seed, scored on a validation
+   split carved (stratified, seeded) from the training set. The test set is never looked at.
+2. ``final``  -- every (batch size, method) with its best strength, for every seed: test and train
+   accuracy, the train/test gap, Keskar epsilon-sharpness and the top Hessian eigenvalue of the
+   final weights (on a fixed subset of the training data).
+3. ``report`` -- tables (mean +- std over seeds) and 1-D interpolation plots (small- vs large-batch
+   baseline; baseline vs the better SmoothOut variant at the large batch), written to
+   ``<output_dir>/report.md`` and ``<output_dir>/plots/``.
+
+Usage (about 1 hour on 2 CPU cores with the defaults):
+    python study/fmnist_large_batch.py --output_dir study_outputs/fmnist --stage all
+Tiny settings (for tests):
+    python study/fmnist_large_batch.py --output_dir /tmp/s --max_train_samples 600 --max_test_samples 200 \
+        --epochs 1 --small_batch 32 --large_batch 128 --seeds 0 1 --strengths_none 0.01 --strengths_filter 0.05
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import EvalPrediction, HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+
+from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
+from hf_smoothout.analysis import (
+    epsilon_sharpness,
+    hessian_top_eigenvalue,
+    interpolation_landscape,
+    save_landscape,
+)
+
+METHODS = {"baseline": "none", "smoothout": "none", "adasmoothout": "filter"}
+
+
+@dataclass
+class StudyArguments:
+    output_dir: str = field(default="study_outputs/fmnist", metadata={"help": "Where runs, models and the report go."})
+    stage: Literal["sweep", "final", "report", "all"] = field(default="all", metadata={"help": "Stage(s) to run."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of the final runs."})
+    sweep_seed: int = field(default=100, metadata={"help": "Seed of the strength sweep (not one of the final seeds)."})
+    epochs: float = field(default=10.0, metadata={"help": "Epochs, the same for every batch size."})
+    small_batch: int = field(default=128, metadata={"help": "Small batch size (also the LR reference batch b0)."})
+    large_batch: int = field(default=4096, metadata={"help": "Large batch size."})
+    base_lr: float = field(default=0.05, metadata={"help": "SGD learning rate at the small batch."})
+    lr_rule: Literal["sqrt", "linear", "none"] = field(default="sqrt", metadata={"help": "Large-batch LR rule."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping (the authors' script: 5)."})
+    strengths_none: list[float] = field(
+        default_factory=lambda: [0.001, 0.004, 0.016], metadata={"help": "Sweep grid for SmoothOut (adapt none)."}
+    )
+    strengths_filter: list[float] = field(
+        default_factory=lambda: [0.01, 0.04, 0.16], metadata={"help": "Sweep grid for AdaSmoothOut (adapt filter)."}
+    )
+    validation_size: int = field(default=5000, metadata={"help": "Validation examples carved from train."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples (tests)."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Cap on test examples (tests)."})
+    hidden: int = field(default=512, metadata={"help": "Width of the hidden layers."})
+    depth: int = field(default=5, metadata={"help": "Number of hidden layers."})
+    sharpness_samples: int = field(default=2000, metadata={"help": "Training examples for sharpness measures."})
+    sharpness_epsilon: float = field(default=5e-4, metadata={"help": "Keskar box size eps."})
+    sharpness_iterations: int = field(default=10, metadata={"help": "L-BFGS-B iterations."})
+    sharpness_repeats: int = field(default=3, metadata={"help": "Random starts for epsilon-sharpness."})
+    hessian_iterations: int = field(default=20, metadata={"help": "Power iterations for the top eigenvalue."})
+    fashion_mnist_dir: str | None = field(default=None, metadata={"help": "Folder of the Fashion-MNIST IDX files."})
+
+
+class KeskarMLP(nn.Module):
+    """784 -> depth x (Linear, BatchNorm, ReLU) -> 10."""
+
+    def __init__(self, hidden: int = 512, depth: int = 5) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 28 * 28
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, 10)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.classifier(self.body(pixel_values.flatten(1)))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class TensorExamples(torch.utils.data.Dataset):
+    """Examples held as two tensors; items are ``{"pixel_values", "labels"}`` dicts."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor) -> None:
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+    def subset(self, count: int | None, seed: int = 0) -> TensorExamples:
+        if count is None or count >= len(self):
+            return self
+        index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
+        return TensorExamples(self.pixels[index], self.labels[index])
+
+
+def stratified_split(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, holdout) with ``holdout`` examples spread evenly over classes."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    held: list[np.ndarray] = []
+    for c in classes:
+        members = rng.permutation(np.flatnonzero(labels == c))
+        held.append(members[: round(holdout * len(members) / len(labels))])
+    held_index = np.sort(np.concatenate(held))
+    mask = np.ones(len(labels), dtype=bool)
+    mask[held_index] = False
+    return np.flatnonzero(mask), held_index
+
+
+def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[n, 28, 28]`` (uint8) and labels ``[n]`` of an IDX split (``train`` / ``test``)."""
+    import gzip
+    import struct
+
+    def read(path: Path) -> np.ndarray:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        ndim = raw[3]
+        shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+    stem = "train" if split == "train" else "t10k"
+    images = next(folder.glob(f"{stem}-images-idx3-ubyte*"))
+    labels = next(folder.glob(f"{stem}-labels-idx1-ubyte*"))
+    return read(images), read(labels)
+
+
+def load_data(study: StudyArguments) -> dict[str, TensorExamples]:
+    """Fashion-MNIST train / validation (carved from train) / test, pixels in [0, 1], normalized."""
+    from recipe_kit.offline import fashion_mnist_dir
+
+    folder = fashion_mnist_dir(study.fashion_mnist_dir)
+    train_x, train_y = read_idx_split(folder, "train")
+    test_x, test_y = read_idx_split(folder, "test")
+    if study.max_train_samples is not None:
+        keep, _ = stratified_split(train_y, len(train_y) - study.max_train_samples, seed=7)
+        train_x, train_y = train_x[keep], train_y[keep]
+    validation = min(study.validation_size, len(train_y) // 10)
+    train_index, val_index = stratified_split(train_y, validation, seed=1234)
+    mean, std = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
+
+    def tensors(x: np.ndarray, y: np.ndarray) -> TensorExamples:
+        pixels = (torch.from_numpy(x.astype(np.float32)).reshape(len(x), -1) / 255.0 - mean) / std
+        return TensorExamples(pixels, torch.from_numpy(y.astype(np.int64)))
+
+    test = tensors(test_x, test_y).subset(study.max_test_samples)
+    return {
+        "train": tensors(train_x[train_index], train_y[train_index]),
+        "validation": tensors(train_x[val_index], train_y[val_index]),
+        "test": test,
+    }
+
+
+def accuracy(pred: EvalPrediction) -> dict[str, float]:
+    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+
+def scaled_lr(study: StudyArguments, batch: int) -> float:
+    ratio = batch / study.small_batch
+    factor = {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[study.lr_rule]
+    return study.base_lr * factor
+
+
+def run_key(phase: str, batch: int, method: str, strength: float, seed: int) -> str:
+    return f"{phase}-b{batch}-{method}-a{strength:g}-s{seed}"
+
+
+def read_runs(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    runs = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            runs[record["key"]] = record
+    return runs
+
+
+def train_one(
+    study: StudyArguments,
+    data: dict[str, TensorExamples],
+    phase: str,
+    batch: int,
+    method: str,
+    strength: float,
+    seed: int,
+) -> tuple[dict[str, Any], nn.Module]:
+    """Train one model; returns its record and the trained model."""
+    out = Path(study.output_dir)
+    key = run_key(phase, batch, method, strength, seed)
+    args = SmoothOutTrainingArguments(
+        output_dir=str(out / "trainer" / key),
+        seed=seed,
+        num_train_epochs=study.epochs,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=2048,
+        learning_rate=scaled_lr(study, batch),
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=study.max_grad_norm,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="epoch",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_drop_last=False,
+        smoothout_strength=strength,
+        smoothout_adapt=METHODS[method],
+    )
+    torch.manual_seed(seed)
+    model = KeskarMLP(study.hidden, study.depth)
+    trainer = SmoothOutTrainer(
+        model,
+        args,
+        train_dataset=data["train"],
+        compute_metrics=accuracy,
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"momentum": study.momentum}),
+    )
+    result = trainer.train()
+    record: dict[str, Any] = {
+        "key": key,
+        "phase": phase,
+        "batch": batch,
+        "method": method,
+        "strength": strength,
+        "seed": seed,
+        "lr": args.learning_rate,
+        "epochs": study.epochs,
+        "steps": trainer.state.global_step,
+        "train_runtime_s": result.metrics["train_runtime"],
+        "train_loss": result.metrics["train_loss"],
+    }
+    if phase == "sweep":
+        record["validation_accuracy"] = trainer.evaluate(data["validation"], metric_key_prefix="val")["val_accuracy"]
+    else:
+        record["test_accuracy"] = trainer.evaluate(data["test"], metric_key_prefix="test")["test_accuracy"]
+        train_eval = data["train"].subset(10000, seed=3)
+        record["train_accuracy"] = trainer.evaluate(train_eval, metric_key_prefix="train")["train_accuracy"]
+        record["gap"] = record["train_accuracy"] - record["test_accuracy"]
+        record.update(measure(study, model, data["train"]))
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "models" / f"{key}.safetensors")
+        )
+    return record, model
+
+
+def sharpness_loader(study: StudyArguments, train: TensorExamples) -> list[dict[str, torch.Tensor]]:
+    subset = train.subset(study.sharpness_samples, seed=11)
+    loader = torch.utils.data.DataLoader(subset, batch_size=500, shuffle=False)
+    return list(loader)
+
+
+def measure(study: StudyArguments, model: nn.Module, train: TensorExamples) -> dict[str, float]:
+    batches = sharpness_loader(study, train)
+    eps = epsilon_sharpness(
+        model,
+        batches,
+        epsilon=study.sharpness_epsilon,
+        max_iterations=study.sharpness_iterations,
+        repeats=study.sharpness_repeats,
+        max_batches=None,
+        progress=False,
+    )
+    top = hessian_top_eigenvalue(
+        model, batches, max_iterations=study.hessian_iterations, max_batches=None, progress=False
+    )
+    return {"epsilon_sharpness": eps.value, "epsilon_sharpness_std": eps.std, "hessian_top": top.value}
+
+
+def best_strengths(study: StudyArguments, runs: dict[str, dict[str, Any]]) -> dict[tuple[int, str], float]:
+    """Per (batch, method), the sweep strength with the highest validation accuracy."""
+    best: dict[tuple[int, str], float] = {}
+    for batch in (study.small_batch, study.large_batch):
+        for method, grid in (("smoothout", study.strengths_none), ("adasmoothout", study.strengths_filter)):
+            scored = [
+                (runs[run_key("sweep", batch, method, a, study.sweep_seed)]["validation_accuracy"], a)
+                for a in grid
+                if run_key("sweep", batch, method, a, study.sweep_seed) in runs
+            ]
+            if scored:
+                best[(batch, method)] = max(scored)[1]
+    return best
+
+
+def planned_runs(study: StudyArguments, stage: str, runs: dict[str, dict[str, Any]]) -> Iterable[tuple]:
+    batches = (study.small_batch, study.large_batch)
+    if stage == "sweep":
+        for batch in batches:
+            for method, grid in (("smoothout", study.strengths_none), ("adasmoothout", study.strengths_filter)):
+                for strength in grid:
+                    yield "sweep", batch, method, strength, study.sweep_seed
+    elif stage == "final":
+        best = best_strengths(study, runs)
+        for seed in study.seeds:
+            for batch in batches:
+                yield "final", batch, "baseline", 0.0, seed
+                for method in ("smoothout", "adasmoothout"):
+                    if (batch, method) not in best:
+                        raise ValueError(f"No sweep result for batch {batch}, {method}: run --stage sweep first.")
+                    yield "final", batch, method, best[(batch, method)], seed
+
+
+def run_stage(study: StudyArguments, stage: str, data: dict[str, TensorExamples]) -> None:
+    path = Path(study.output_dir) / "runs.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs = read_runs(path)
+    for phase, batch, method, strength, seed in list(planned_runs(study, stage, runs)):
+        key = run_key(phase, batch, method, strength, seed)
+        if key in runs:
+            continue
+        record, _ = train_one(study, data, phase, batch, method, strength, seed)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        runs[key] = record
+        print(json.dumps(record), flush=True)
+
+
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def load_model(study: StudyArguments, key: str) -> nn.Module:
+    model = KeskarMLP(study.hidden, study.depth)
+    model.load_state_dict(load_file(str(Path(study.output_dir) / "models" / f"{key}.safetensors")))
+    return model.eval()
+
+
+def report(study: StudyArguments, data: dict[str, TensorExamples]) -> str:
+    out = Path(study.output_dir)
+    runs = read_runs(out / "runs.jsonl")
+    best = best_strengths(study, runs)
+    final = [r for r in runs.values() if r["phase"] == "final"]
+    lines = [
+        f"Fashion-MNIST, KeskarMLP {study.depth}x{study.hidden} (batch norm), {study.epochs:g} epochs, SGD momentum "
+        f"{study.momentum}, base LR {study.base_lr} at batch {study.small_batch}, {study.lr_rule} rule, clip "
+        f"{study.max_grad_norm}; train {len(data['train'])} / validation {len(data['validation'])} / test "
+        f"{len(data['test'])}; seeds {study.seeds} (sweep seed {study.sweep_seed}).",
+        "",
+        f"Strength sweep (validation accuracy %, seed {study.sweep_seed}):",
+        "",
+        "| batch | method | strength | validation acc % |",
+        "|---|---|---|---|",
+    ]
+    for r in sorted(
+        (r for r in runs.values() if r["phase"] == "sweep"), key=lambda r: (r["batch"], r["method"], r["strength"])
+    ):
+        mark = " (chosen)" if best.get((r["batch"], r["method"])) == r["strength"] else ""
+        lines.append(
+            f"| {r['batch']} | {r['method']} | {r['strength']:g}{mark} | {100 * r['validation_accuracy']:.2f} |"
+        )
+    lines += [
+        "",
+        "Final runs (mean ± std over seeds):",
+        "",
+        "| batch | method | strength | test acc % | train acc % | train-test gap % | eps-sharpness | Hessian top eig |"
+        " time/run s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_cell: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in final:
+        by_cell.setdefault((r["batch"], r["method"]), []).append(r)
+    for (batch, method), cell in sorted(by_cell.items()):
+        lines.append(
+            f"| {batch} | {method} | {cell[0]['strength']:g} | {mean_std([r['test_accuracy'] for r in cell], 100)} | "
+            f"{mean_std([r['train_accuracy'] for r in cell], 100)} | {mean_std([r['gap'] for r in cell], 100)} | "
+            f"{mean_std([r['epsilon_sharpness'] for r in cell], 1, 3)} | "
+            f"{mean_std([r['hessian_top'] for r in cell], 1, 1)} | "
+            f"{statistics.mean(r['train_runtime_s'] for r in cell):.0f} |"
+        )
+    lines += [
+        "",
+        "Large-batch gap (small-batch minus large-batch test accuracy, paired by seed, mean ± std):",
+        "",
+        "| method | gap (points) |",
+        "|---|---|",
+    ]
+    for method in METHODS:
+        small = {r["seed"]: r["test_accuracy"] for r in by_cell.get((study.small_batch, method), [])}
+        large = {r["seed"]: r["test_accuracy"] for r in by_cell.get((study.large_batch, method), [])}
+        diffs = [small[s] - large[s] for s in sorted(small) if s in large]
+        lines.append(f"| {method} | {mean_std(diffs, 100)} |")
+    lines += interpolation_plots(study, data, runs, best)
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def interpolation_plots(study, data, runs, best) -> list[str]:
+    """1-D interpolations (seed = first final seed): small vs large baseline; baseline vs SmoothOut at large batch."""
+    seed = study.seeds[0]
+    small = run_key("final", study.small_batch, "baseline", 0.0, seed)
+    large = run_key("final", study.large_batch, "baseline", 0.0, seed)
+    pairs = [("small_vs_large_baseline", small, large)]
+    for method in ("smoothout", "adasmoothout"):
+        if (study.large_batch, method) in best:
+            key = run_key("final", study.large_batch, method, best[(study.large_batch, method)], seed)
+            pairs.append((f"large_baseline_vs_{method}", large, key))
+    loaders = {
+        "train": torch.utils.data.DataLoader(data["train"].subset(2000, seed=5), batch_size=1000),
+        "validation": torch.utils.data.DataLoader(data["test"].subset(2000, seed=5), batch_size=1000),
+    }
+    lines = [
+        "",
+        "1-D interpolation plots (alpha = 0: first model, 1: second; loss and accuracy on 2,000 training "
+        "and 2,000 test examples):",
+        "",
+    ]
+    for name, key_a, key_b in pairs:
+        if key_a not in runs or key_b not in runs:
+            continue
+        result = interpolation_landscape(
+            load_model(study, key_a), load_model(study, key_b), loaders, max_batches=None, progress=False
+        )
+        folder = Path(study.output_dir) / "plots" / name
+        paths = save_landscape(result, folder)
+        lines.append(f"- `{name}`: {key_a} -> {key_b}: `{paths['png'].relative_to(study.output_dir)}`")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    (study,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
+    if study.small_batch <= 0 or study.large_batch <= study.small_batch:
+        raise ValueError("Need 0 < small_batch < large_batch.")
+    Path(study.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(study.output_dir) / "study_arguments.json").write_text(json.dumps(asdict(study), indent=2))
+    data = load_data(study)
+    if study.stage in ("sweep", "all"):
+        run_stage(study, "sweep", data)
+    if study.stage in ("final", "all"):
+        run_stage(study, "final", data)
+    if study.stage in ("report", "all"):
+        print(report(study, data))
+
+
+if __name__ == "__main__":
+    main()
