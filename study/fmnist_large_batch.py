@@ -248,7 +248,7 @@ def train_one(
         args,
         train_dataset=data["train"],
         compute_metrics=accuracy,
-        optimizer_cls_and_kwargs=(torch.optim.SGD, {"momentum": study.momentum}),
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": args.learning_rate, "momentum": study.momentum}),
     )
     result = trainer.train()
     record: dict[str, Any] = {
