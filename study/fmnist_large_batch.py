@@ -258,7 +258,7 @@ def train_one(
         "method": method,
         "strength": strength,
         "seed": seed,
-        "lr": args.learning_rate,
+        "lr": trainer.optimizer.param_groups[0]["initial_lr"],
         "epochs": study.epochs,
         "steps": trainer.state.global_step,
         "train_runtime_s": result.metrics["train_runtime"],

@@ -86,6 +86,7 @@ def test_study_runs_reports_and_resumes(tmp_path):
     # large batch: the LR follows the sqrt rule; same number of epochs means 4x fewer steps
     small = next(r for r in final if r["batch"] == 32)
     large = next(r for r in final if r["batch"] == 128)
+    assert small["lr"] == pytest.approx(0.05)  # the optimizer really runs at the configured LR
     assert large["lr"] == pytest.approx(small["lr"] * 2.0)
     # the chosen strength is the sweep's best on validation
     best = max(
