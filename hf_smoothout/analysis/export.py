@@ -94,8 +94,8 @@ def _plot(result: LandscapeResult, path: Path, figure_size: tuple[float, float],
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=figure_size, dpi=dpi)  # the Agg canvas, no pyplot: no global state, no GUI
-    FigureCanvasAgg(figure)
+    figure = Figure(figsize=figure_size, dpi=dpi, layout="constrained")  # fixed size; labels kept apart
+    FigureCanvasAgg(figure)  # the Agg canvas, no pyplot: no global state, no GUI
     title = {
         "interpolation": "Linear interpolation  theta = alpha * theta_B + (1 - alpha) * theta_A",
         "random_1d": "Random filter-normalized direction  theta + alpha * d",
@@ -131,7 +131,7 @@ def _plot(result: LandscapeResult, path: Path, figure_size: tuple[float, float],
             values = np.asarray(result.metrics[f"{split}_loss"], dtype=np.float64).T  # rows: beta
             contour = axis.contourf(result.alphas, result.betas, values, levels=20, cmap="viridis")
             axis.contour(result.alphas, result.betas, values, levels=10, colors="white", linewidths=0.5)
-            figure.colorbar(contour, ax=axis, label=f"{split} loss")
+            figure.colorbar(contour, ax=axis)
             axis.plot([0.0], [0.0], "r+", ms=10)
             axis.set_xlabel("alpha")
             axis.set_ylabel("beta")

@@ -158,8 +158,8 @@ def interpolation_landscape(
     ParameterVector(model_a)  # refuses a model without trainable parameters
     with preserved_model(model_a), preserved_model(model_b):
         evaluate = _Evaluator(model_a, dataloaders, max_batches, forward_fn)
-        start = {n: t.detach().double() for n, t in state_a.items()}
-        end = {n: state_b[n].detach().to(device=t.device, dtype=torch.float64) for n, t in state_a.items()}
+        start = {n: t.detach().to(torch.float64, copy=True) for n, t in state_a.items()}
+        end = {n: state_b[n].detach().to(t.device, torch.float64, copy=True) for n, t in state_a.items()}
         distance = math.sqrt(sum(float((end[n] - start[n]).pow(2).sum()) for n in start))
         curves: dict[str, list[float]] = {}
         for alpha in tqdm(grid, desc="interpolation", disable=not progress):
@@ -208,7 +208,7 @@ def random_landscape(
             if dims == 2
             else None
         )
-        center = [p.detach().double() for p in vector.params]
+        center = [p.detach().to(torch.float64, copy=True) for p in vector.params]
         curves: dict[str, list[Any]] = {}
         bar = tqdm(total=len(grid_a) * len(grid_b), desc=f"random {dims}-D landscape", disable=not progress)
         try:
