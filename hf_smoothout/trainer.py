@@ -170,6 +170,16 @@ class SmoothOutMixin:
             logs[STRENGTH_LOG_KEY] = 0.0
         super().log(logs, *args, **kwargs)
 
+    # ------------------------------------------------------------------ model card
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Write the SmoothOut model card (`hf_smoothout.modelcard`) to ``output_dir/README.md``.
+
+        ``push_to_hub`` calls it; keywords as in `Trainer.create_model_card`, plus ``compare_to`` (a baseline run).
+        """
+        from .modelcard import write_model_card_from_trainer
+
+        write_model_card_from_trainer(self, **kwargs)
+
     # ------------------------------------------------------------------ checkpoints
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)

@@ -1,0 +1,81 @@
+"""Options both recipes share; each recipe's ``DataArguments`` extends `RunOptions`.
+
+Example:
+    >>> from transformers import HfArgumentParser
+    >>> (opts,) = HfArgumentParser(RunOptions).parse_args_into_dataclasses(["--lr_scaling", "sqrt"])
+    >>> opts.lr_scaling
+    'sqrt'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import RecipeError
+
+
+@dataclass
+class RunOptions:
+    """Sample limits, data source, learning-rate scaling, processed-data export and baseline comparison."""
+
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training examples (a seeded random subset)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many evaluation examples per evaluation split."}
+    )
+    source: Literal["auto", "hub", "offline"] = field(
+        default="auto",
+        metadata={
+            "help": "Where the default data/model come from. auto: the Hub when reachable, else the offline "
+            "stand-ins (for the defaults only); hub: never fall back; offline: use the stand-ins without asking "
+            "the Hub."
+        },
+    )
+    split_seed: int = field(
+        default=42,
+        metadata={
+            "help": "Seed of data subsampling and of splits made here (kept apart from --seed so that runs "
+            "with different training seeds see the same data)."
+        },
+    )
+    lr_scaling: Literal["sqrt", "linear", "none"] = field(
+        default="none",
+        metadata={
+            "help": "Large-batch learning-rate rule: lr * (B/b0)**0.5 (sqrt, the SmoothOut authors' default) or "
+            "lr * B/b0 (linear), with B the effective batch and b0 --reference_batch_size."
+        },
+    )
+    reference_batch_size: int | None = field(
+        default=None, metadata={"help": "b0 of --lr_scaling: the batch size --learning_rate was tuned for."}
+    )
+    save_processed_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Save the processed train/eval datasets under <output_dir>/data/{train,eval} "
+            "(Dataset.save_to_disk), e.g. for `hf-smoothout sharpness --dataset`."
+        },
+    )
+    compare_to: str | None = field(
+        default=None,
+        metadata={
+            "help": "output_dir of a baseline run (e.g. --smoothout_strength 0): the model card shows both "
+            "side by side."
+        },
+    )
+
+    def check(self) -> None:
+        """Raise `RecipeError` for nonsense values (called before anything is loaded or written)."""
+        for name in ("max_train_samples", "max_eval_samples", "reference_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RecipeError(f"--{name} must be a positive integer, got {value}.")
+        if self.compare_to is not None:
+            folder = Path(self.compare_to)
+            if not (folder / "all_results.json").is_file():
+                raise RecipeError(
+                    f"--compare_to {self.compare_to}: no all_results.json there; pass the output_dir of a finished "
+                    "run (e.g. the same command with --smoothout_strength 0)."
+                )
