@@ -301,6 +301,8 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Path]:
     directions = args.directions or ("interpolation" if args.model_b else "random")
     if directions == "interpolation" and not args.model_b:
         raise ValueError("--directions interpolation needs --model-b.")
+    if directions == "random" and args.model_b:
+        raise ValueError("--model-b is only used with --directions interpolation.")
     model = load_model(args.model_a, args.task, args.dtype, args.device)
     tokenizer = load_tokenizer(args.model_a)
     train, split = load_split(args.dataset, args.split)

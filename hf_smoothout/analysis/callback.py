@@ -15,8 +15,11 @@ through ``Trainer.log`` (so ``report_to`` integrations receive them, as a separa
 the callback with :meth:`SharpnessCallback.attach` instead of ``callbacks=[...]``.
 
 The model is left bit-identical, in its mode, and torch's random generators are restored, so a run
-with the callback trains exactly like one without. Data: ``dataloader``, else ``dataset`` (batched
-like the Trainer would, see :mod:`.data`), else the Trainer's evaluation dataloader.
+with the callback trains exactly like one without. Under distributed training every rank measures its
+own (unwrapped) copy of the model on its own data, with no communication; the values are per rank.
+
+Data: ``dataloader``, else ``dataset`` (batched like the Trainer would, see :mod:`.data`), else the
+Trainer's evaluation dataloader.
 
 Example:
     >>> from hf_smoothout.analysis import SharpnessCallback

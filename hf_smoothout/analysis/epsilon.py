@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -186,6 +187,13 @@ def epsilon_sharpness(
         raise ValueError(f"subspace_dim must be a positive integer or None, got {subspace_dim!r}.")
     with preserved_model(model):
         vector = ParameterVector(model)
+        low = sorted({str(p.dtype) for p in vector.params if p.dtype in (torch.float16, torch.bfloat16)})
+        if low:
+            warnings.warn(
+                f"epsilon_sharpness on {', '.join(low)} parameters: box offsets of relative size {epsilon:g} are "
+                "mostly rounded away at that precision; measure a float32 (or float64) copy of the model.",
+                stacklevel=2,
+            )
         objective = BatchObjective(model, collect_batches(dataloader, max_batches, model_device(model)), forward_fn)
         x0 = vector.get()
         f0 = objective.loss()
