@@ -51,8 +51,14 @@ EVAL_SPLITS = ("validation", "valid", "test")
 
 
 # --------------------------------------------------------------------------- parser
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks; appends ``(default: ...)`` where a help text names no default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=MEASURES,
         default=["epsilon", "hessian_top", "hessian_trace"],
-        help="measures to compute",
+        metavar="NAME",
+        help=f"measures to compute, any of: {', '.join(MEASURES)}",
     )
     keskar = sharp.add_argument_group("epsilon-sharpness")
     keskar.add_argument("--epsilon", type=float, default=5e-4, help="box size: x0 +- epsilon * (|x0| + 1)")
@@ -133,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_Formatter,
     )
-    land.add_argument("--model-a", "--model", dest="model_a", required=True, help="model folder (theta_A / theta)")
+    land.add_argument(
+        "--model-a",
+        "--model",
+        dest="model_a",
+        required=True,
+        help="model folder (theta_A; the center theta for random directions)",
+    )
     land.add_argument("--model-b", default=None, help="second model folder (theta_B) for --directions interpolation")
     land.add_argument(
         "--directions",
@@ -148,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="validation data folder (default: a validation/valid/test split of --dataset, if any)",
     )
-    land.add_argument("--eval-split", default=None, help="split of --eval-dataset when it holds a DatasetDict")
+    land.add_argument(
+        "--eval-split", default=None, help="split of --eval-dataset when it holds a DatasetDict (default: validation)"
+    )
     land.add_argument(
         "--alpha-range",
         type=float,

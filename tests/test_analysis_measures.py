@@ -298,3 +298,10 @@ class Frozen(nn.Module):
 def test_bad_input_is_refused_with_a_clear_message(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_low_precision_parameters_are_warned_about():
+    model = Quadratic(torch.eye(3), torch.ones(3)).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="rounded away"):
+        result = epsilon_sharpness(model, BATCHES, max_iterations=2, progress=False)
+    assert result.value >= 0 and model.weight.dtype == torch.bfloat16
