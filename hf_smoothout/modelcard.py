@@ -357,8 +357,35 @@ def flatten_numbers(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _measure_rows(
+    measures: Mapping[str, Any], baseline: Mapping[str, Any] | None
+) -> tuple[list[str], list[tuple[str, ...]]]:
+    """Rows of the ``measures`` of ``sharpness.json`` (each with ``value`` and ``std``), optionally vs a baseline."""
+
+    def cell(result: Any) -> str:
+        if not isinstance(result, Mapping) or "value" not in result:
+            return ""
+        std = result.get("std")
+        spread = f" ± {format_value(std)}" if isinstance(std, (int, float)) and std else ""
+        return f"{format_value(result['value'])}{spread}"
+
+    if baseline is None:
+        return ["measure", "value"], [(name, cell(result)) for name, result in measures.items()]
+    rows = []
+    for name, result in measures.items():
+        other = baseline.get(name)
+        mine_value = result.get("value") if isinstance(result, Mapping) else None
+        base_value = other.get("value") if isinstance(other, Mapping) else None
+        rows.append((name, cell(other), cell(result), format_difference(mine_value, base_value)))
+    return ["measure", "baseline", "this run", "difference"], rows
+
+
 def analysis_section(run_dir: Path, baseline_dir: Path | None) -> str:
-    """Sharpness figures and landscape plots from ``<run>/analysis/``; empty when there is none."""
+    """Sharpness figures and landscape plots from ``<run>/analysis/``; empty when there is none.
+
+    ``sharpness.json`` as the analysis tools write it (``{"measures": {name: {"value", "std", ...}}, ...}``)
+    becomes a table of measures; any other JSON object is shown flattened.
+    """
     analysis = run_dir / ANALYSIS_DIR
     sharpness = read_json(analysis / SHARPNESS_FILE)
     plots = sorted(analysis.glob("landscape_*.png")) if analysis.is_dir() else []
@@ -366,20 +393,27 @@ def analysis_section(run_dir: Path, baseline_dir: Path | None) -> str:
         return ""
     text = "\n## Sharpness and loss landscape\n\n"
     if sharpness is not None:
-        mine = flatten_numbers(sharpness)
-        base = None
-        if baseline_dir is not None:
-            base_json = read_json(baseline_dir / ANALYSIS_DIR / SHARPNESS_FILE)
-            base = flatten_numbers(base_json) if base_json is not None else None
+        base_json = read_json(baseline_dir / ANALYSIS_DIR / SHARPNESS_FILE) if baseline_dir is not None else None
         text += f"From `{ANALYSIS_DIR}/{SHARPNESS_FILE}` (written by the analysis tools of `hf-smoothout`):\n\n"
-        if base:
-            rows = [
-                (key, format_value(base.get(key, "")), format_value(value), format_difference(value, base.get(key)))
-                for key, value in mine.items()
-            ]
-            text += markdown_table(["quantity", "baseline", "this run", "difference"], rows)
+        measures = sharpness.get("measures")
+        if isinstance(measures, Mapping):
+            base_measures = base_json.get("measures") if base_json is not None else None
+            header, rows = _measure_rows(measures, base_measures if isinstance(base_measures, Mapping) else None)
+            text += markdown_table(header, rows)
+            context = {k: v for k, v in sharpness.items() if k != "measures"}
+            if context:
+                text += "\nSettings: " + "; ".join(f"{k}: {format_setting(v)}" for k, v in context.items()) + "\n"
         else:
-            text += markdown_table(["quantity", "value"], [(key, format_value(value)) for key, value in mine.items()])
+            mine = flatten_numbers(sharpness)
+            base = flatten_numbers(base_json) if base_json is not None else None
+            if base:
+                rows = [
+                    (key, format_value(base.get(key, "")), format_value(value), format_difference(value, base.get(key)))
+                    for key, value in mine.items()
+                ]
+                text += markdown_table(["quantity", "baseline", "this run", "difference"], rows)
+            else:
+                text += markdown_table(["quantity", "value"], [(k, format_value(v)) for k, v in mine.items()])
     for plot in plots:
         title = plot.stem.removeprefix("landscape_").replace("_", " ")
         text += f"\n**Loss landscape: {title}**\n\n![{plot.stem}]({ANALYSIS_DIR}/{plot.name})\n"

@@ -154,7 +154,7 @@ class PixelPipeline:
     def _one(self, image: Any) -> torch.Tensor:
         if hasattr(image, "convert"):  # PIL
             image = np.asarray(image.convert("L" if self.channels == 1 else "RGB"))
-        array = torch.as_tensor(np.asarray(image))
+        array = torch.as_tensor(np.array(image))  # a writable copy
         if array.ndim == 2:
             array = array.unsqueeze(0)
         elif array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3, 4):

@@ -58,11 +58,14 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
-    import httpx
+    import urllib.error
+    import urllib.request
 
     try:
-        httpx.head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
-    except httpx.HTTPError:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # an answer, even an error status, means the Hub is there
+    except (OSError, ValueError):
         return False
     return True
 

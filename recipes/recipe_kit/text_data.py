@@ -325,19 +325,19 @@ def _label_plan(
 
     seen = set(train_values)
     for split, values in {"train": train_values, **eval_values}.items():
-        outside = sorted({v for v in values if v not in mapping}, key=str)
-        if outside:
+        unknown = sorted({v for v in values if v not in mapping}, key=str)
+        learned_from_data = task is None and not isinstance(feature, datasets.ClassLabel)
+        if unknown and (split == "train" or not learned_from_data):
             raise RecipeError(
-                f"Labels {outside[:10]} of the {split} split are outside the {len(names)} classes "
+                f"Labels {unknown[:10]} of the {split} split are outside the {len(names)} classes "
                 f"(ids 0..{len(names) - 1}: {names}). Check --label_column and --task_name."
             )
-        if split != "train" and task is None:
-            unseen = sorted({v for v in values if v not in seen}, key=str)
-            if unseen:
-                raise RecipeError(
-                    f"Labels {unseen[:10]} of the {split} split never occur in the training split; the classifier "
-                    "could not learn them. Check the files, or use more training data (--max_train_samples)."
-                )
+        unseen = sorted({v for v in values if v not in seen}, key=str) if learned_from_data else []
+        if split != "train" and unseen:
+            raise RecipeError(
+                f"Labels {unseen[:10]} of the {split} split never occur in the training split; the classifier "
+                "could not learn them. Check the files, or use more training data (--max_train_samples)."
+            )
     return names, mapping
 
 
