@@ -141,19 +141,11 @@ def stratified_split(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.nd
 
 def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images ``[n, 28, 28]`` (uint8) and labels ``[n]`` of an IDX split (``train`` / ``test``)."""
-    import gzip
-    import struct
+    from recipe_kit.image_data import read_idx
+    from recipe_kit.offline import IDX_FILES, idx_file
 
-    def read(path: Path) -> np.ndarray:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        ndim = raw[3]
-        shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-    stem = "train" if split == "train" else "t10k"
-    images = next(folder.glob(f"{stem}-images-idx3-ubyte*"))
-    labels = next(folder.glob(f"{stem}-labels-idx1-ubyte*"))
-    return read(images), read(labels)
+    images, labels = (idx_file(folder, stem) for stem in IDX_FILES[split])
+    return read_idx(images), read_idx(labels)
 
 
 def load_data(study: StudyArguments) -> dict[str, TensorExamples]:
