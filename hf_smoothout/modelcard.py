@@ -433,12 +433,22 @@ def _metadata(info: Mapping[str, Any], results: Mapping[str, Any]) -> str:
         tags.append("smoothout-baseline")
     eval_results = []
     metric_types = []
+    splits = dataset.get("eval_splits") or []
+    # metric key prefix -> split name (e.g. MNLI: eval -> validation_matched, eval_mismatched -> ..._mismatched)
+    prefixes = dataset.get("eval_prefixes") or {"eval": splits[0] if splits else None}
     for key, value in result_metrics(results).items():
-        suffix = key.removeprefix("eval_")
-        hub_type = _HUB_METRIC_TYPES.get(suffix)
-        if hub_type is None or not key.startswith("eval_") or not task.get("type"):
+        match = next(
+            (
+                (prefix, key[len(prefix) + 1 :])
+                for prefix in sorted(prefixes, key=len, reverse=True)
+                if key.startswith(prefix + "_") and key[len(prefix) + 1 :] in _HUB_METRIC_TYPES
+            ),
+            None,
+        )
+        if match is None or not task.get("type"):
             continue
-        splits = dataset.get("eval_splits") or []
+        prefix, metric = match
+        hub_type = _HUB_METRIC_TYPES[metric]
         eval_results.append(
             EvalResult(
                 task_type=task["type"],
@@ -446,7 +456,7 @@ def _metadata(info: Mapping[str, Any], results: Mapping[str, Any]) -> str:
                 dataset_type=dataset.get("hub_id") or dataset.get("slug") or "custom",
                 dataset_name=dataset.get("name") or "custom",
                 dataset_config=dataset.get("config"),
-                dataset_split=splits[0] if splits else None,
+                dataset_split=prefixes[prefix],
                 metric_type=hub_type,
                 metric_name=metric_label(key),
                 metric_value=float(value),

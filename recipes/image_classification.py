@@ -160,11 +160,11 @@ class BuiltModel:
     std: list[float] | None
 
 
-def _processor_settings(name: str) -> dict[str, Any]:
+def _processor_settings(name: str, local_only: bool) -> dict[str, Any]:
     from transformers.image_processing_base import ImageProcessingMixin
 
     try:
-        settings, _ = ImageProcessingMixin.get_image_processor_dict(name)
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(name, local_files_only=local_only)
     except (OSError, ValueError):
         return {}
     return settings
@@ -183,8 +183,11 @@ def _size_of(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def build_model(model_args: ModelArguments, data: ImageData) -> BuiltModel:
-    """The classifier, where it came from, and the input size, channels and normalization it expects."""
+def build_model(model_args: ModelArguments, data: ImageData, local_only: bool = False) -> BuiltModel:
+    """The classifier, where it came from, and the input size, channels and normalization it expects.
+
+    ``local_only``: no Hub requests (local folders and the Hugging Face cache only).
+    """
     from transformers import AutoConfig, AutoModelForImageClassification
 
     labels = {"num_labels": len(data.label_names), "id2label": dict(enumerate(data.label_names))}
@@ -198,11 +201,13 @@ def build_model(model_args: ModelArguments, data: ImageData) -> BuiltModel:
             raise RecipeError("--config_overrides applies to models built from a config, not to pretrained ones.")
         name = model_args.model_name_or_path
         try:
-            config = AutoConfig.from_pretrained(name, **labels)
-            model = AutoModelForImageClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True)
+            config = AutoConfig.from_pretrained(name, local_files_only=local_only, **labels)
+            model = AutoModelForImageClassification.from_pretrained(
+                name, config=config, ignore_mismatched_sizes=True, local_files_only=local_only
+            )
         except (OSError, ValueError) as err:
             raise RecipeError(f"Could not load the image classifier {name}: {err}") from err
-        processor = _processor_settings(name)
+        processor = _processor_settings(name, local_only)
         size = (
             _size_of(processor.get("crop_size"))
             or _size_of(processor.get("size"))
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{data.channels} channel(s), {len(data.label_names)} classes",
     )
     set_seed(args.seed)  # fresh weights and the new head are drawn here
-    built = build_model(model_args, data)
+    built = build_model(model_args, data, local_only=not use_hub)
     model = built.model
     # The classification loss is a batch mean that ignores num_items_in_batch: keep the Trainer's division by
     # gradient_accumulation_steps (otherwise gradients come out gradient_accumulation_steps x world_size too large).

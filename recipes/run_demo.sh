@@ -4,14 +4,14 @@
 # then print the comparison table. Installs the offline data itself; about 6-8 minutes on 2 CPU cores.
 #
 #   bash recipes/run_demo.sh                       # defaults below
-#   DEMO_STEPS=600 DEMO_STRENGTH=0.02 bash recipes/run_demo.sh --seed 1   # extra flags go to both runs
+#   DEMO_STEPS=480 DEMO_STRENGTH=0.02 bash recipes/run_demo.sh --seed 1   # extra flags go to both runs
 #
 # Outputs (model, all_results.json, model card README.md) land in $DEMO_OUTPUT_DIR/{baseline,smoothout}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out="${DEMO_OUTPUT_DIR:-outputs/glue_demo}"
-steps="${DEMO_STEPS:-300}"
+steps="${DEMO_STEPS:-240}"
 strength="${DEMO_STRENGTH:-0.01}"
 
 bash scripts/install_offline_data.sh text

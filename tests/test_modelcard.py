@@ -222,3 +222,21 @@ def test_push_to_hub_writes_the_smoothout_card(tiny_model, tiny_data, tmp_path, 
 def test_missing_results_and_info_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not the output_dir of a finished run"):
         build_model_card(tmp_path)
+
+
+def test_model_index_has_one_result_per_evaluation_split(tmp_path):
+    run = make_run(tmp_path / "mnli", 0.01, 0.80, eval_mismatched_accuracy=0.81)
+    info = json.loads((run / "smoothout_run.json").read_text())
+    info["dataset"].update(
+        config="mnli",
+        eval_splits=["validation_matched", "validation_mismatched"],
+        eval_prefixes={"eval": "validation_matched", "eval_mismatched": "validation_mismatched"},
+    )
+    write_run_info(run, info)
+    card = build_model_card(run)
+    results = front_matter(card)["model-index"][0]["results"]
+    assert [(r["dataset"]["split"], r["metrics"][0]["value"]) for r in results] == [
+        ("validation_matched", 0.80),
+        ("validation_mismatched", 0.81),
+    ]
+    assert "| mismatched accuracy | 0.8100 |" in card

@@ -414,6 +414,10 @@ def error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "no baseline there": ([*local, "--compare_to", str(tmp_path / "nowhere")], "no all_results.json there"),
         "task without stand-in": (["--task_name", "rte", "--source", "offline"], "GLUE RTE has no offline stand-in"),
         "too many layers": ([*local, "--num_hidden_layers", "7"], "between 1 and 2"),
+        "hub model offline": (
+            [*local, "--model_name_or_path", "someone/not-cached", "--source", "offline"],
+            "Could not load model someone/not-cached",
+        ),
     }
 
 
@@ -431,6 +435,7 @@ ERROR_NAMES = [
     "no baseline there",
     "task without stand-in",
     "too many layers",
+    "hub model offline",
 ]
 
 

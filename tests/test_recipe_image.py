@@ -270,6 +270,10 @@ def bad_cases(idx_dir: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]
         "two model sources": ([*local, "--model_type", "vit", "--model_config", "c.json"], "Pass only one of"),
         "no network dataset": (["--dataset_name", "cifar10", "--source", "offline"], "has no offline copy"),
         "nothing to train": ([*local, "--max_steps", "0", "--num_train_epochs", "0"], "Nothing to train"),
+        "hub model offline": (
+            [*local, "--model_name_or_path", "someone/not-cached", "--source", "offline"],
+            "Could not load the image classifier someone/not-cached",
+        ),
     }
 
 
@@ -286,6 +290,7 @@ BAD_NAMES = [
     "two model sources",
     "no network dataset",
     "nothing to train",
+    "hub model offline",
 ]
 
 

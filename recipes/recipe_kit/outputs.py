@@ -30,10 +30,20 @@ def say(args: Any, *lines: str) -> None:
             print(line, flush=True)
 
 
+def mixed_precision(args: Any) -> str:
+    """``bf16``, ``fp16`` or ``no``: the flags, else what ``accelerate launch`` passes from its config."""
+    if args.bf16:
+        return "bf16"
+    if args.fp16:
+        return "fp16"
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
 def describe_environment(args: Any) -> str:
     """World size, device and mixed precision, e.g. ``world size 2 (processes), device cpu, mixed precision no``."""
-    mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    return f"world size {args.world_size} (processes), device {args.device.type}, mixed precision {mixed}"
+    return (
+        f"world size {args.world_size} (processes), device {args.device.type}, mixed precision {mixed_precision(args)}"
+    )
 
 
 def save_processed(datasets: dict[str, Any], output_dir: str | os.PathLike[str]) -> list[Path]:

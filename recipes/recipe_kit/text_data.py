@@ -125,6 +125,7 @@ def _hub_glue(task: GlueTask) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         "config": task.name,
         "train_split": "train",
         "eval_splits": list(task.eval_splits.values()),
+        "eval_prefixes": dict(task.eval_splits),
     }
     return raw["train"], evals, info
 
