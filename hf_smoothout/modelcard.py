@@ -208,7 +208,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)  # years, seeds and small counts stay plain
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
@@ -537,6 +537,10 @@ def _comparison_section(
     return text
 
 
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else format_value(value)
+
+
 def _data_section(info: Mapping[str, Any]) -> str:
     dataset = info.get("dataset") or {}
     if not dataset:
@@ -546,10 +550,10 @@ def _data_section(info: Mapping[str, Any]) -> str:
         lines.append(f"- dataset: {dataset['name']}")
     if dataset.get("num_train") is not None:
         split = f" (`{dataset['train_split']}`)" if dataset.get("train_split") else ""
-        lines.append(f"- training examples: {format_value(dataset['num_train'])}{split}")
+        lines.append(f"- training examples: {_count(dataset['num_train'])}{split}")
     if dataset.get("num_eval") is not None:
         splits = ", ".join(f"`{s}`" for s in dataset.get("eval_splits") or [])
-        lines.append(f"- evaluation examples: {format_value(dataset['num_eval'])}{f' ({splits})' if splits else ''}")
+        lines.append(f"- evaluation examples: {_count(dataset['num_eval'])}{f' ({splits})' if splits else ''}")
     if dataset.get("notes"):
         lines.append(f"- {dataset['notes']}")
     return "\n## Training and evaluation data\n\n" + "\n".join(lines) + "\n"
@@ -595,9 +599,12 @@ def _procedure_section(info: Mapping[str, Any]) -> str:
             "reference_batch_size",
         }
         and v is not None
+        and not (k == "num_train_epochs" and (training.get("max_steps") or 0) > 0)  # max_steps wins
     }
     if others:
-        text += "\n### Other hyperparameters\n\n" + "".join(f"- {k}: {format_setting(v)}\n" for k, v in others.items())
+        names = {"global_step": "optimizer steps done", "max_steps": "max_steps (overrides epochs)"}
+        text += "\n### Other hyperparameters\n\n"
+        text += "".join(f"- {names.get(k, k)}: {format_setting(v)}\n" for k, v in others.items())
     return text
 
 

@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         },
     }
     processed = {"train": train_dataset, **eval_datasets} if data_args.save_processed_data else None
-    finish_run(trainer, train_metrics, eval_metrics, run_info, processed)
+    command = ["recipes/glue.py", *(argv if argv is not None else sys.argv[1:])]
+    finish_run(trainer, train_metrics, eval_metrics, run_info, processed, command)
     del trainer, model
     close_distributed()
     return eval_metrics

@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     processed = None
     if data_args.save_processed_data and trainer.is_world_process_zero():
         processed = {"train": processed_dataset(data.train, pipeline), "eval": processed_dataset(data.eval, pipeline)}
-    finish_run(trainer, train_metrics, eval_metrics, run_info, processed)
+    command = ["recipes/image_classification.py", *(argv if argv is not None else sys.argv[1:])]
+    finish_run(trainer, train_metrics, eval_metrics, run_info, processed, command)
     del trainer, model
     close_distributed()
     return eval_metrics

@@ -243,6 +243,15 @@ def test_gradient_accumulation_keeps_the_gradient_scale(idx_dir, tmp_path):
     assert first_grad_norm(tmp_path / "ga4") == pytest.approx(first_grad_norm(tmp_path / "ga1"), rel=1e-4)
 
 
+def test_seed_is_honoured(idx_dir, tmp_path):
+    def run(name: str, seed: str) -> float:
+        argv = args_for(tmp_path / name, "--idx_dir", str(idx_dir), "--random_crop_padding", "1", "--random_flip")
+        return vision.main([*argv, "--seed", seed])["eval_loss"]  # the last --seed wins
+
+    assert run("a", "7") == run("b", "7")
+    assert run("c", "8") != run("a", "7")
+
+
 # ---------------------------------------------------------------------------- errors
 def test_missing_fashion_mnist_names_the_apt_command(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_SMOOTHOUT_FASHION_MNIST_DIR", str(tmp_path / "empty"))

@@ -71,8 +71,12 @@ def finish_run(
     eval_metrics: dict[str, Any],
     run_info: dict[str, Any],
     processed: dict[str, Any] | None = None,
+    command: list[str] | None = None,
 ) -> None:
-    """Save model, metrics, state, processed data, run info and model card; push to the Hub if asked."""
+    """Save model, metrics, state, processed data, run info and model card; push to the Hub if asked.
+
+    ``command``: the script and its arguments, for the card's "How to reproduce" (default: ``sys.argv``).
+    """
     args = trainer.args
     trainer.save_model()  # every process calls it; only the main one writes
     if trainer.is_world_process_zero():
@@ -86,18 +90,19 @@ def finish_run(
             for path in save_processed(processed, args.output_dir):
                 say(args, f"processed data: {path}")
         training = {**training_info_from_args(args, trainer.state.global_step), **run_info.pop("training", {})}
-        write_run_info(args.output_dir, {**run_info, "training": training, "command": launch_command(args)})
+        write_run_info(args.output_dir, {**run_info, "training": training, "command": launch_command(args, command)})
         trainer.create_model_card(compare_to=run_info.get("compare_to"))
         say(args, f"model card: {Path(args.output_dir) / 'README.md'}")
     if args.push_to_hub:
         trainer.push_to_hub(compare_to=run_info.get("compare_to"))
 
 
-def launch_command(args: Any) -> list[str]:
+def launch_command(args: Any, command: list[str] | None = None) -> list[str]:
     """The command line of this run, for the model card (``python`` or ``accelerate launch`` prefix)."""
+    command = list(command) if command is not None else list(sys.argv)
     if args.world_size > 1:
-        return ["accelerate", "launch", "--multi_gpu", f"--num_processes={args.world_size}", *sys.argv]
-    return ["python", *sys.argv]
+        return ["accelerate", "launch", "--multi_gpu", f"--num_processes={args.world_size}", *command]
+    return ["python", *command]
 
 
 def close_distributed() -> None:

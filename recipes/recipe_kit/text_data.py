@@ -281,7 +281,8 @@ def _check_split_columns(name: str, dataset: Any, needed: list[str]) -> None:
 
 
 def _is_integral(values: list[Any]) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in values)
+    """Whole numbers (booleans count as 0/1): class ids rather than regression targets."""
+    return all(isinstance(v, (int, float)) and float(v).is_integer() for v in values)
 
 
 def _label_plan(
