@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recipe_kit.arguments import RunOptions
-from recipe_kit.batching import plan_batch
+from recipe_kit.batching import plan_from_arguments
 from recipe_kit.errors import RecipeError
 from recipe_kit.image_data import (
     ImageData,
@@ -283,16 +283,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model_args, data_args, args = parse_args(argv)
     check_arguments(model_args, data_args, args)
-    plan = plan_batch(
-        args.per_device_train_batch_size,
-        args.gradient_accumulation_steps,
-        args.world_size,
-        args.learning_rate,
-        data_args.lr_scaling,
-        data_args.reference_batch_size,
-    )
+    plan = plan_from_arguments(args, data_args)
     say(args, describe_environment(args), plan.describe())
-    args.learning_rate = plan.learning_rate
     args.remove_unused_columns = False  # the pixel pipeline, not the Trainer, decides what reaches the model
 
     uses_hub = not (data_args.idx_dir or data_args.train_dir) or (

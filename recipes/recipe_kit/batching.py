@@ -99,3 +99,20 @@ def plan_batch(
         lr_scaling=lr_scaling,
         reference_batch_size=reference_batch_size,
     )
+
+
+def plan_from_arguments(args: Any, options: Any) -> BatchPlan:
+    """`plan_batch` from `TrainingArguments` and `RunOptions` (``lr_scaling``, ``reference_batch_size``).
+
+    Sets ``args.learning_rate`` to the scaled rate, so the Trainer trains with it.
+    """
+    plan = plan_batch(
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.world_size,
+        args.learning_rate,
+        options.lr_scaling,
+        options.reference_batch_size,
+    )
+    args.learning_rate = plan.learning_rate
+    return plan
