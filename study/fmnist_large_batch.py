@@ -13,7 +13,7 @@ Stages (each resumable: finished runs are read back from ``runs.jsonl`` and skip
    accuracy, the train/test gap, Keskar epsilon-sharpness and the top Hessian eigenvalue of the
    final weights (on a fixed subset of the training data).
 3. ``report`` -- tables (mean +- std over seeds) and 1-D interpolation plots (small- vs large-batch
-   baseline; baseline vs the better SmoothOut variant at the large batch), written to
+   baseline; baseline vs SmoothOut and vs AdaSmoothOut at the large batch), written to
    ``<output_dir>/report.md`` and ``<output_dir>/plots/``.
 
 Usage (about 1 hour on 2 CPU cores with the defaults):
@@ -51,6 +51,9 @@ from hf_smoothout.analysis import (
 )
 
 METHODS = {"baseline": "none", "smoothout": "none", "adasmoothout": "filter"}
+# alpha in [0, 1] only: beyond it the batch-norm running variances extrapolate to negative values and the
+# loss is undefined.
+INTERPOLATION_ALPHAS = [i / 20 for i in range(21)]
 
 
 @dataclass
@@ -431,15 +434,20 @@ def interpolation_plots(study, data, runs, best) -> list[str]:
     }
     lines = [
         "",
-        "1-D interpolation plots (alpha = 0: first model, 1: second; loss and accuracy on 2,000 training "
-        "and 2,000 test examples):",
+        "1-D interpolation plots (alpha in [0, 1], 0 = first model, 1 = second; weights and batch-norm statistics "
+        "interpolated; loss and accuracy on 2,000 training and 2,000 test examples):",
         "",
     ]
     for name, key_a, key_b in pairs:
         if key_a not in runs or key_b not in runs:
             continue
         result = interpolation_landscape(
-            load_model(study, key_a), load_model(study, key_b), loaders, max_batches=None, progress=False
+            load_model(study, key_a),
+            load_model(study, key_b),
+            loaders,
+            alphas=INTERPOLATION_ALPHAS,
+            max_batches=None,
+            progress=False,
         )
         folder = Path(study.output_dir) / "plots" / name
         paths = save_landscape(result, folder)
