@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -71,3 +73,23 @@ def tiny_model() -> TinyClassifier:
 @pytest.fixture
 def tiny_data() -> ListDataset:
     return make_classification_data()
+
+
+def run_launcher(cmd: list[str], timeout: float = 240) -> str:
+    """Run a multi-process launch (``torchrun ...``) with one thread per process and a hard timeout.
+
+    Kills the whole process group on timeout (gloo shutdown can hang) and fails the test; asserts a zero
+    exit status; returns the combined output.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{cmd[:4]} timed out after {timeout} s:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    return output

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_launcher
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 
@@ -49,17 +47,7 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
         "--seed",
         "3",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"DDP run timed out:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    run_launcher(cmd)
     result = json.loads((tmp_path / "ddp_result.json").read_text())
     assert result["world_size"] == 2 and result["args_world_size"] == 2
     assert result["steps"] == steps

@@ -11,12 +11,12 @@ import importlib.util
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_launcher
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
@@ -356,17 +356,7 @@ def test_two_process_torchrun_world_size_and_gradient_scale(tiny_bert, sentiment
         str(RECIPES / "glue.py"),
         *one_step(tiny_bert, train, dev, out, 4, 2),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    output = run_launcher(cmd)
     assert "world size 2 (processes)" in output
     assert "effective batch = 4 per device x 2 gradient accumulation x 2 processes = 16" in output
     run = read(out / "smoothout_run.json")
