@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recipe_kit.arguments import RunOptions
 from recipe_kit.batching import plan_from_arguments
-from recipe_kit.errors import RecipeError
+from recipe_kit.errors import RecipeError, run_cli
 from recipe_kit.image_data import (
     ImageData,
     ImageDataRequest,
@@ -395,8 +395,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -312,20 +312,18 @@ class ShiftingOptimizer(torch.optim.SGD):
         self.mode = "eval"
 
     @torch.no_grad()
-    def train(self):
-        if self.mode == "eval":
+    def _switch(self, mode: str, shift: float) -> None:
+        if self.mode != mode:
             for group in self.param_groups:
                 for p in group["params"]:
-                    p.add_(1.0)
-        self.mode = "train"
+                    p.add_(shift)
+        self.mode = mode
 
-    @torch.no_grad()
+    def train(self):
+        self._switch("train", 1.0)
+
     def eval(self):
-        if self.mode == "train":
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.sub_(1.0)
-        self.mode = "eval"
+        self._switch("eval", -1.0)
 
 
 def test_optimizer_train_mode_switch_happens_before_perturbing(tmp_path):
