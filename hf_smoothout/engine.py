@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .config import SmoothOutConfig
-from .noise import add_noise_, draw_, remove_noise_, row_norm_buffers
+from .noise import add_noise_, draw_, filter_scales_, remove_noise_, row_norm_buffers
 from .schedules import noise_coefficient
 from .selection import SelectedParameter, select_parameters
 
@@ -375,6 +375,19 @@ class SmoothOut:
 
     def _perturb_stream(self, stream: _Stream, worker: int, strength: float) -> None:
         cfg = self.config
+        if self._uses_backup() and cfg.adapt == "filter":
+            # Draw into the parameters, per-row scales for the whole stream, then param = backup + scale * draw.
+            draws = [draw_(slot.param.data, cfg.distribution, stream.generator) for slot in stream.slots]
+            scales = filter_scales_(
+                [slot.backup for slot in stream.slots],  # type: ignore[misc]
+                draws,
+                strength,
+                [slot.row_axis for slot in stream.slots],
+                [slot.norms for slot in stream.slots],  # type: ignore[misc]
+            )
+            for slot, draw, scale in zip(stream.slots, draws, scales, strict=True):
+                torch.addcmul(slot.backup, draw, scale, out=draw)
+            return
         if self._uses_backup():
             # Draw straight into the parameter, then one fused pass: param = backup + multiplier * draw.
             for slot in stream.slots:

@@ -6,7 +6,9 @@ batch, learning rate, SmoothOut settings; written by `write_run_info`) and the T
 ``base_model``, datasets, ``model-index``) and text. With a baseline run directory (``compare_to``)
 the card shows both runs side by side with the difference. If ``<run>/analysis/`` holds
 ``sharpness.json`` or ``landscape_*.png`` (from the analysis tools), the card reports them too, so
-re-run it after the analysis:
+re-run it after the analysis. A study that trained the run among others puts its results table in
+``smoothout_study.json`` (`write_study_rows`), and the card shows that table with the run's own row
+marked:
 
     python -m hf_smoothout.modelcard OUTPUT_DIR [--compare_to BASELINE_DIR] [--print_table]
 
@@ -36,6 +38,7 @@ RESULTS_FILE = "all_results.json"
 CARD_FILE = "README.md"
 ANALYSIS_DIR = "analysis"
 SHARPNESS_FILE = "sharpness.json"
+STUDY_FILE = "smoothout_study.json"
 PAPER = "[SmoothOut](https://arxiv.org/abs/1805.07898) (Wen et al., 2018)"
 BASE_TAGS = ("smoothout", "generated_from_trainer")
 
@@ -519,6 +522,53 @@ def _results_section(info: Mapping[str, Any], results: Mapping[str, Any]) -> str
     return f"\n## Results\n\nEvaluation{where} after training:\n\n" + markdown_table(["metric", "value"], rows)
 
 
+def write_study_rows(
+    output_dir: str | os.PathLike[str],
+    *,
+    title: str,
+    description: str,
+    header: Iterable[str],
+    rows: Iterable[Iterable[str]],
+    highlight: int | None = None,
+) -> Path:
+    """Record the results table of a study that trained this run (``smoothout_study.json``) for its model card.
+
+    ``highlight`` is the index of the row this run belongs to; the card marks it. Re-write the card
+    (`write_model_card`) afterwards.
+
+    Example:
+        >>> import tempfile
+        >>> run = tempfile.mkdtemp()
+        >>> path = write_study_rows(run, title="Demo study", description="Two arms, 3 seeds.",
+        ...                         header=["method", "accuracy %"], rows=[["baseline", "90.0 ± 0.1"],
+        ...                         ["smoothout", "90.2 ± 0.2"]], highlight=1)
+        >>> "**smoothout**" in _study_section(Path(run))
+        True
+    """
+    header = [str(h) for h in header]
+    table = [[str(cell) for cell in row] for row in rows]
+    for row in table:
+        if len(row) != len(header):
+            raise ValueError(f"Study row {row} has {len(row)} cells; the header has {len(header)}.")
+    if highlight is not None and not 0 <= highlight < len(table):
+        raise ValueError(f"highlight={highlight} is not a row index (the table has {len(table)} rows).")
+    study = {"title": title, "description": description, "header": header, "rows": table, "highlight": highlight}
+    return atomic_write_text(Path(output_dir) / STUDY_FILE, json.dumps(study, indent=2, ensure_ascii=False) + "\n")
+
+
+def _study_section(run_dir: Path) -> str:
+    """The study table of ``smoothout_study.json`` with this run's row in bold; empty when there is none."""
+    study = read_json(run_dir / STUDY_FILE)
+    if study is None:
+        return ""
+    highlight = study.get("highlight")
+    rows = [[f"**{cell}**" if i == highlight and cell else cell for cell in row] for i, row in enumerate(study["rows"])]
+    text = f"\n## {study['title']}\n\n{study['description']}\n\n"
+    if highlight is not None:
+        text += "This model's row is in bold.\n\n"
+    return text + markdown_table(study["header"], rows)
+
+
 def _comparison_section(
     info: Mapping[str, Any], results: Mapping[str, Any], baseline_dir: Path, baseline_info: Mapping[str, Any]
 ) -> str:
@@ -652,6 +702,7 @@ def build_model_card(
     card = f"---\n{_metadata(info, results)}\n---\n"
     card += _intro(info)
     card += _results_section(info, results)
+    card += _study_section(output_dir)
     if baseline_dir is not None:
         baseline_info, _ = read_run(baseline_dir)
         card += _comparison_section(info, results, baseline_dir, baseline_info)

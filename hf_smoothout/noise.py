@@ -72,6 +72,29 @@ def filter_scale_(
     return scale.div_(draw_norm).mul_(strength)
 
 
+def filter_scales_(
+    weights: list[torch.Tensor],
+    draws: list[torch.Tensor],
+    strength: float,
+    row_axes: list[int],
+    buffers: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[torch.Tensor]:
+    """`filter_scale_` for many tensors at once: the per-row arithmetic runs as three ``torch._foreach_*`` ops.
+
+    Same values as calling `filter_scale_` on every tensor; on a GPU it launches 2 kernels per tensor
+    plus 3 in all instead of 5 per tensor. Returns the scale buffers (``buffers[i][0]``).
+    """
+    scales, draw_norms = [b[0] for b in buffers], [b[1] for b in buffers]
+    for weight, draw, axis, scale, draw_norm in zip(weights, draws, row_axes, scales, draw_norms, strict=True):
+        row_norms_(weight, axis, out=scale)
+        row_norms_(draw, axis, out=draw_norm)
+    if scales:
+        torch._foreach_add_(draw_norms, ROW_NORM_EPS)
+        torch._foreach_div_(scales, draw_norms)
+        torch._foreach_mul_(scales, strength)
+    return scales
+
+
 def add_noise_(
     out: torch.Tensor,
     weight: torch.Tensor,

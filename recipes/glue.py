@@ -82,6 +82,21 @@ class DataArguments(RunOptions):
         default=0.2, metadata={"help": "Share of --train_file held out when there is no --validation_file."}
     )
     max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    holdout_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this share of the training examples (seeded by --split_seed, stratified by label) "
+            "as a 'holdout' split for tuning, e.g. the SmoothOut strength; metrics holdout_*. The validation "
+            "split is left untouched, so it can serve as the test set."
+        },
+    )
+    train_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also evaluate the final model on this many training examples (metrics trainset_*), "
+            "for the train/test gap."
+        },
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SmoothOutTrainingArguments]:
@@ -184,6 +199,10 @@ def make_compute_metrics(metric: Any, is_regression: bool) -> Any:
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: SmoothOutTrainingArguments) -> None:
     """Everything that can be checked before loading anything."""
     data_args.check()
+    if not 0.0 <= data_args.holdout_fraction < 1.0:
+        raise RecipeError(f"--holdout_fraction must be in [0, 1), got {data_args.holdout_fraction}.")
+    if data_args.train_eval_samples is not None and data_args.train_eval_samples < 1:
+        raise RecipeError(f"--train_eval_samples must be a positive integer, got {data_args.train_eval_samples}.")
     if data_args.max_seq_length < 1:
         raise RecipeError(f"--max_seq_length must be a positive integer, got {data_args.max_seq_length}.")
     if model_args.num_hidden_layers is not None and model_args.num_hidden_layers < 1:
@@ -219,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples,
         split_seed=data_args.split_seed,
+        holdout_fraction=data_args.holdout_fraction,
+        train_eval_samples=data_args.train_eval_samples,
     )
     data = load_text_data(request, use_hub=use_hub)
     say(

@@ -44,13 +44,14 @@ def test_double_perturb_is_refused(tiny_model):
     engine.restore()  # idempotent
 
 
-def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch):
+@pytest.mark.parametrize("adapt", ["filter", "none", "weight"])
+def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch, adapt):
     import hf_smoothout.engine as engine_module
 
-    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.5, seed=0))
+    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.5, adapt=adapt, seed=0))
     clean = clone_params(tiny_model)
     calls = {"n": 0}
-    real = engine_module.add_noise_
+    real = engine_module.draw_
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -58,7 +59,7 @@ def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch):
             raise MemoryError("simulated")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "add_noise_", flaky)
+    monkeypatch.setattr(engine_module, "draw_", flaky)
     with pytest.raises(MemoryError):
         engine.perturb()
     assert not engine.is_perturbed
@@ -236,7 +237,7 @@ def test_failure_on_a_worker_thread_is_raised_and_undone(monkeypatch, restore):
     model = _big_model()
     clean = clone_params(model)
     engine = SmoothOut(model, SmoothOutConfig(strength=0.3, restore=restore, seed=0), num_threads=2)
-    real = engine_module.add_noise_
+    real = engine_module.draw_
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -245,7 +246,7 @@ def test_failure_on_a_worker_thread_is_raised_and_undone(monkeypatch, restore):
             raise MemoryError("simulated on a worker")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "add_noise_", flaky)
+    monkeypatch.setattr(engine_module, "draw_", flaky)
     with pytest.raises(MemoryError, match="worker"):
         engine.perturb()
     assert not engine.is_perturbed

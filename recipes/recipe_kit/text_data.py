@@ -74,9 +74,18 @@ KNOWN_TEXT_COLUMNS = (
 )
 
 
+HOLDOUT_PREFIX = "holdout"  # metric prefix of the tuning split carved from the training data
+TRAIN_EVAL_PREFIX = "trainset"  # metric prefix of the evaluation on training examples (train/test gap)
+
+
 @dataclass
 class TextDataRequest:
-    """What the user asked for (the text recipe's data options)."""
+    """What the user asked for (the text recipe's data options).
+
+    ``holdout_fraction`` > 0 carves that share of the training examples off as a ``holdout`` evaluation
+    split for tuning (the validation/test split stays untouched); ``train_eval_samples`` adds a
+    ``trainset`` evaluation split of that many training examples (for the train/test gap).
+    """
 
     task_name: str | None = "sst2"
     train_file: str | None = None
@@ -87,6 +96,8 @@ class TextDataRequest:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     split_seed: int = 42
+    holdout_fraction: float = 0.0
+    train_eval_samples: int | None = None
 
 
 @dataclass
@@ -367,6 +378,20 @@ def _subsample(dataset: Any, limit: int | None, seed: int) -> Any:
     return dataset.shuffle(seed=seed).select(range(limit))
 
 
+def _carve_holdout(train: Any, fraction: float, seed: int, stratify: bool) -> tuple[Any, Any]:
+    """Split ``fraction`` of ``train`` off as a tuning split (seeded, stratified by label for classification)."""
+    try:
+        split = train.train_test_split(
+            test_size=fraction, seed=seed, stratify_by_column=LABELS_COLUMN if stratify else None
+        )
+    except ValueError as err:
+        raise RecipeError(
+            f"--holdout_fraction {fraction}: cannot hold out that share of {len(train):,} training examples ({err}). "
+            "Use more training data or another fraction."
+        ) from err
+    return split["train"], split["test"]
+
+
 def _check_texts(splits: dict[str, Any], columns: tuple[str, ...]) -> None:
     for split, dataset in splits.items():
         for column in columns:
@@ -447,10 +472,21 @@ def load_text_data(request: TextDataRequest, use_hub: bool) -> TextData:
         absent = [names[i] for i in range(len(names)) if i not in seen]
         if absent:
             info["notes"] = (info.get("notes", "") + f" Classes absent from the training subset: {absent}.").strip()
+    num_eval = sum(len(ds) for ds in evals.values())
+    if request.holdout_fraction > 0:
+        train, evals[HOLDOUT_PREFIX] = _carve_holdout(train, request.holdout_fraction, request.split_seed, bool(names))
+        info["notes"] = (
+            info.get("notes", "")
+            + f" {request.holdout_fraction:.0%} of the training examples ({len(evals[HOLDOUT_PREFIX]):,}, seed "
+            f"{request.split_seed}) are held out as the `{HOLDOUT_PREFIX}` split for tuning; the model trains on "
+            "the rest."
+        ).strip()
+    if request.train_eval_samples:
+        evals[TRAIN_EVAL_PREFIX] = _subsample(train, request.train_eval_samples, request.split_seed + 1)
     info.update(
         {
             "num_train": len(train),
-            "num_eval": sum(len(ds) for ds in evals.values()),
+            "num_eval": num_eval,
             "text_columns": list(text_columns),
             "label_names": names,
         }
