@@ -255,16 +255,20 @@ def markdown_table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
 
 
 def result_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The metrics of ``all_results.json`` worth reporting: evaluation metrics and the training loss."""
-    metrics = {}
-    for key, value in results.items():
-        if key.endswith(_BOOKKEEPING_SUFFIXES) or not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        if key.startswith(("eval", "test")) or key == "train_loss":
-            metrics[key] = value
+    """The numbers of ``all_results.json`` worth reporting (not run times, throughputs, counts or epochs).
+
+    Order: evaluation metrics (``eval*``/``test*``), other measures (e.g. a held-out split, training
+    accuracy), evaluation losses, then the training loss.
+    """
+    metrics = {
+        key: value
+        for key, value in results.items()
+        if not key.endswith(_BOOKKEEPING_SUFFIXES) and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
     evals = sorted(k for k in metrics if k.startswith(("eval", "test")) and not k.endswith("_loss"))
+    others = sorted(k for k in metrics if k not in evals and not k.endswith("_loss"))
     losses = sorted(k for k in metrics if k.endswith("_loss") and k != "train_loss")
-    order = evals + losses + (["train_loss"] if "train_loss" in metrics else [])
+    order = evals + others + losses + (["train_loss"] if "train_loss" in metrics else [])
     return {k: metrics[k] for k in order}
 
 
@@ -470,7 +474,7 @@ def _metadata(info: Mapping[str, Any], results: Mapping[str, Any]) -> str:
         model_name=info.get("model_name") or "smoothout-model",
         base_model=info.get("base_model") or None,
         datasets=[dataset["hub_id"]] if dataset.get("hub_id") else None,
-        library_name="transformers",
+        library_name=info.get("library_name") or "transformers",
         license=info.get("license"),
         language=info.get("language"),
         pipeline_tag=task.get("type"),

@@ -14,7 +14,9 @@ Stages (each resumable: finished runs are read back from ``runs.jsonl`` and skip
    final weights (on a fixed subset of the training data).
 3. ``report`` -- tables (mean +- std over seeds) and 1-D interpolation plots (small- vs large-batch
    baseline; baseline vs SmoothOut and vs AdaSmoothOut at the large batch), written to
-   ``<output_dir>/report.md`` and ``<output_dir>/plots/``.
+   ``<output_dir>/report.md`` and ``<output_dir>/plots/``; the best run of every cell (highest test
+   accuracy among its seeds) goes to ``<output_dir>/best/<cell>/`` with its weights and a model card
+   that carries the final table, its own row in bold.
 
 Usage (about 1 hour on 2 CPU cores with the defaults):
     python study/fmnist_large_batch.py --output_dir study_outputs/fmnist --stage all
@@ -42,13 +44,14 @@ from transformers import EvalPrediction, HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
-from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
+from hf_smoothout import SmoothOutConfig, SmoothOutTrainer, SmoothOutTrainingArguments
 from hf_smoothout.analysis import (
     epsilon_sharpness,
     hessian_top_eigenvalue,
     interpolation_landscape,
     save_landscape,
 )
+from hf_smoothout.modelcard import write_model_card, write_run_info, write_study_rows
 
 METHODS = {"baseline": "none", "smoothout": "none", "adasmoothout": "filter"}
 # alpha in [0, 1] only: beyond it the batch-norm running variances extrapolate to negative values and the
@@ -381,25 +384,16 @@ def report(study: StudyArguments, data: dict[str, TensorExamples]) -> str:
         lines.append(
             f"| {r['batch']} | {r['method']} | {r['strength']:g}{mark} | {100 * r['validation_accuracy']:.2f} |"
         )
-    lines += [
-        "",
-        "Final runs (mean ± std over seeds):",
-        "",
-        "| batch | method | strength | test acc % | train acc % | train-test gap % | eps-sharpness | Hessian top eig |"
-        " time/run s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
     by_cell: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in final:
         by_cell.setdefault((r["batch"], r["method"]), []).append(r)
-    for (batch, method), cell in sorted(by_cell.items()):
-        lines.append(
-            f"| {batch} | {method} | {cell[0]['strength']:g} | {mean_std([r['test_accuracy'] for r in cell], 100)} | "
-            f"{mean_std([r['train_accuracy'] for r in cell], 100)} | {mean_std([r['gap'] for r in cell], 100)} | "
-            f"{mean_std([r['epsilon_sharpness'] for r in cell], 1, 3)} | "
-            f"{mean_std([r['hessian_top'] for r in cell], 1, 1)} | "
-            f"{statistics.mean(r['train_runtime_s'] for r in cell):.0f} |"
-        )
+    header, rows = final_table(by_cell)
+    lines += ["", "Final runs (mean ± std over seeds):", ""]
+    lines += [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
     lines += [
         "",
         "Large-batch gap (small-batch minus large-batch test accuracy, paired by seed, mean ± std):",
@@ -413,9 +407,131 @@ def report(study: StudyArguments, data: dict[str, TensorExamples]) -> str:
         diffs = [small[s] - large[s] for s in sorted(small) if s in large]
         lines.append(f"| {method} | {mean_std(diffs, 100)} |")
     lines += interpolation_plots(study, data, runs, best)
+    lines += export_best_runs(study, data, by_cell, header, rows)
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
+
+
+def final_table(by_cell: dict[tuple[int, str], list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per (batch, method) cell, sorted) of the final-runs table."""
+    header = [
+        "batch",
+        "method",
+        "strength",
+        "test acc %",
+        "train acc %",
+        "train-test gap %",
+        "eps-sharpness",
+        "Hessian top eig",
+        "time/run s",
+    ]
+    rows = [
+        [
+            str(batch),
+            method,
+            f"{cell[0]['strength']:g}",
+            mean_std([r["test_accuracy"] for r in cell], 100),
+            mean_std([r["train_accuracy"] for r in cell], 100),
+            mean_std([r["gap"] for r in cell], 100),
+            mean_std([r["epsilon_sharpness"] for r in cell], 1, 3),
+            mean_std([r["hessian_top"] for r in cell], 1, 1),
+            f"{statistics.mean(r['train_runtime_s'] for r in cell):.0f}",
+        ]
+        for (batch, method), cell in sorted(by_cell.items())
+    ]
+    return header, rows
+
+
+def export_best_runs(
+    study: StudyArguments,
+    data: dict[str, TensorExamples],
+    by_cell: dict[tuple[int, str], list[dict[str, Any]]],
+    header: list[str],
+    rows: list[list[str]],
+) -> list[str]:
+    """Per cell, its best run (highest test accuracy among the seeds) as a folder with weights and a model card.
+
+    The card carries the study's final table with the run's own row in bold.
+    """
+    out = Path(study.output_dir)
+    lines = ["", "Best run of each cell (highest test accuracy among its seeds), with a model card:", ""]
+    for index, ((batch, method), cell) in enumerate(sorted(by_cell.items())):
+        best = max(cell, key=lambda r: r["test_accuracy"])
+        folder = out / "best" / f"b{batch}-{method}"
+        folder.mkdir(parents=True, exist_ok=True)
+        model = load_model(study, best["key"])
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        (folder / "keskar_mlp.json").write_text(json.dumps({"hidden": study.hidden, "depth": study.depth}) + "\n")
+        results = {
+            "test_accuracy": best["test_accuracy"],
+            "train_accuracy": best["train_accuracy"],
+            "train_test_gap": best["gap"],
+            "epsilon_sharpness": best["epsilon_sharpness"],
+            "hessian_top_eigenvalue": best["hessian_top"],
+            "train_loss": best["train_loss"],
+            "train_runtime": best["train_runtime_s"],
+        }
+        (folder / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_run_info(folder, run_info(study, data, best))
+        write_study_rows(
+            folder,
+            title="Fashion-MNIST large-batch study",
+            description=(
+                f"KeskarMLP {study.depth}x{study.hidden} trained from scratch, {study.epochs:g} epochs, small batch "
+                f"{study.small_batch} vs large batch {study.large_batch}, seeds {study.seeds}; strengths chosen on a "
+                f"validation split carved from the training set. This model is the best of the {len(cell)} seeds of "
+                f"its row by test accuracy (seed {best['seed']}); the row gives the mean ± std over all of them. "
+                "Regenerate with `python study/fmnist_large_batch.py`."
+            ),
+            header=header,
+            rows=rows,
+            highlight=index,
+        )
+        write_model_card(folder)
+        lines.append(f"- batch {batch}, {method}: seed {best['seed']} -> `{folder.relative_to(out)}/README.md`")
+    return lines
+
+
+def run_info(study: StudyArguments, data: dict[str, TensorExamples], record: dict[str, Any]) -> dict[str, Any]:
+    """``smoothout_run.json`` of an exported run: what was trained, on what, how."""
+    model = KeskarMLP(study.hidden, study.depth)
+    return {
+        "model_name": f"keskar-mlp-fashion-mnist-b{record['batch']}-{record['method']}",
+        "model_type": f"KeskarMLP {study.depth}x{study.hidden}",
+        "model_notes": "Linear-BatchNorm-ReLU blocks, defined in study/fmnist_large_batch.py",
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "dataset": {
+            "name": "Fashion-MNIST",
+            "hub_id": "zalando-datasets/fashion_mnist",
+            "num_train": len(data["train"]),
+            "train_split": f"train minus {len(data['validation'])} validation examples",
+            "num_eval": len(data["test"]),
+            "eval_splits": ["test"],
+            "eval_prefixes": {"test": "test"},
+        },
+        "task": {"type": "image-classification", "name": "Image Classification"},
+        "library_name": "pytorch",
+        "smoothout": SmoothOutConfig(strength=record["strength"], adapt=METHODS[record["method"]]).to_dict(),
+        "primary_metric": "test_accuracy",
+        "training": {
+            "per_device_train_batch_size": record["batch"],
+            "gradient_accumulation_steps": 1,
+            "world_size": 1,
+            "effective_batch_size": record["batch"],
+            "learning_rate": record["lr"],
+            "lr_scaling": study.lr_rule,
+            "base_learning_rate": study.base_lr,
+            "reference_batch_size": study.small_batch,
+            "optimizer": f"SGD, momentum {study.momentum}",
+            "lr_scheduler_type": "linear",
+            "max_grad_norm": study.max_grad_norm,
+            "num_train_epochs": record["epochs"],
+            "global_step": record["steps"],
+            "seed": record["seed"],
+        },
+        "command": ["python", "study/fmnist_large_batch.py", "--output_dir", str(study.output_dir)],
+    }
 
 
 def interpolation_plots(study, data, runs, best) -> list[str]:

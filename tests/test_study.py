@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +102,23 @@ def test_study_runs_reports_and_resumes(tmp_path):
     assert "Large-batch gap" in text
     png = out / "plots" / "small_vs_large_baseline" / "landscape_interpolation.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the best seed of every cell is exported with a model card carrying the study table, its own row in bold
+    for batch, method in ((32, "baseline"), (128, "adasmoothout")):
+        folder = out / "best" / f"b{batch}-{method}"
+        cell = [r for r in final if r["batch"] == batch and r["method"] == method]
+        best_run = max(cell, key=lambda r: r["test_accuracy"])
+        assert json.loads((folder / "all_results.json").read_text())["test_accuracy"] == best_run["test_accuracy"]
+        card = (folder / "README.md").read_text()
+        assert "## Fashion-MNIST large-batch study" in card and f"seed {best_run['seed']}" in card
+        assert f"| **{batch}** | **{method}** |" in card and "library_name: pytorch" in card
+        model = study.load_model(study.StudyArguments(output_dir=str(out), hidden=16, depth=2), best_run["key"])
+        exported = study.KeskarMLP(16, 2)
+        from safetensors.torch import load_file
+
+        exported.load_state_dict(load_file(str(folder / "model.safetensors")))
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, exported.state_dict()[name])
 
     # resuming re-trains nothing
     study.main(["--output_dir", str(out), "--stage", "final", *TINY])
