@@ -257,6 +257,22 @@ def test_local_csv_baseline_then_smoothout_comparison_and_analysis(tiny_bert, se
         assert "![landscape_interpolation](analysis/landscape_interpolation.png)" in card
 
 
+def test_holdout_carved_from_training_data_and_training_accuracy(tiny_bert, sentiment_files, tmp_path):
+    """--holdout_fraction scores a tuning split carved from train (stratified); the validation split is untouched."""
+    train, dev = sentiment_files
+    out = tmp_path / "out"
+    files = ["--train_file", str(train), "--validation_file", str(dev), "--save_processed_data"]
+    metrics = glue.main(tiny_args(tiny_bert, out, *files, "--holdout_fraction", "0.25", "--train_eval_samples", "20"))
+    assert metrics["eval_samples"] == 32 and metrics["holdout_samples"] == 16 and metrics["trainset_samples"] == 20
+    assert {"holdout_accuracy", "trainset_accuracy"} <= set(metrics)
+    from datasets import load_from_disk
+
+    kept, held = load_from_disk(str(out / "data" / "train")), load_from_disk(str(out / "data" / "holdout"))
+    assert len(kept) == 48 and sorted(held["labels"]).count(1) == 8  # stratified: half of each label held out
+    card = (out / "README.md").read_text()
+    assert "holdout accuracy" in card and "held out as the `holdout` split" in card
+
+
 def test_json_lines_pair_regression_with_named_columns(tiny_bert, tmp_path):
     rng = random.Random(0)
     rows = []
@@ -404,6 +420,9 @@ def error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "no baseline there": ([*local, "--compare_to", str(tmp_path / "nowhere")], "no all_results.json there"),
         "task without stand-in": (["--task_name", "rte", "--source", "offline"], "GLUE RTE has no offline stand-in"),
         "too many layers": ([*local, "--num_hidden_layers", "7"], "between 1 and 2"),
+        "holdout fraction one": ([*local, "--holdout_fraction", "1"], r"--holdout_fraction must be in \[0, 1\)"),
+        "holdout too small": ([*local, "--holdout_fraction", "0.01"], "cannot hold out that share"),
+        "train eval zero": ([*local, "--train_eval_samples", "0"], "--train_eval_samples must be a positive"),
         "hub model offline": (
             [*local, "--model_name_or_path", "someone/not-cached", "--source", "offline"],
             "Could not load model someone/not-cached",
@@ -425,6 +444,9 @@ ERROR_NAMES = [
     "no baseline there",
     "task without stand-in",
     "too many layers",
+    "holdout fraction one",
+    "holdout too small",
+    "train eval zero",
     "hub model offline",
 ]
 
