@@ -56,10 +56,10 @@ class TextStudyArguments:
         default=0.1, metadata={"help": "Share of the training split held out to choose the strength."}
     )
     strengths_none: list[float] = field(
-        default_factory=lambda: [0.005, 0.02], metadata={"help": "SmoothOut (adapt none) strengths swept."}
+        default_factory=lambda: [0.001, 0.005, 0.02], metadata={"help": "SmoothOut (adapt none) strengths swept."}
     )
     strengths_filter: list[float] = field(
-        default_factory=lambda: [0.05, 0.2], metadata={"help": "AdaSmoothOut (adapt filter) strengths swept."}
+        default_factory=lambda: [0.01, 0.05, 0.2], metadata={"help": "AdaSmoothOut (adapt filter) strengths swept."}
     )
     epochs: float = field(default=1.0, metadata={"help": "Training epochs (same for every batch size)."})
     per_device_batch: int = field(
