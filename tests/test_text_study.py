@@ -42,6 +42,8 @@ TINY = [
     "8",
     "--accumulation",
     "2",
+    "--learning_rate",
+    "1e-4",
     "--num_hidden_layers",
     "1",
     "--max_seq_length",
