@@ -73,10 +73,12 @@ class StudyArguments:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping (the authors' script: 5)."})
     strengths_none: list[float] = field(
-        default_factory=lambda: [0.001, 0.004, 0.016], metadata={"help": "Sweep grid for SmoothOut (adapt none)."}
+        default_factory=lambda: [0.00025, 0.001, 0.004, 0.016],
+        metadata={"help": "Sweep grid for SmoothOut (adapt none)."},
     )
     strengths_filter: list[float] = field(
-        default_factory=lambda: [0.01, 0.04, 0.16], metadata={"help": "Sweep grid for AdaSmoothOut (adapt filter)."}
+        default_factory=lambda: [0.01, 0.04, 0.16, 0.64],
+        metadata={"help": "Sweep grid for AdaSmoothOut (adapt filter)."},
     )
     validation_size: int = field(default=5000, metadata={"help": "Validation examples carved from train."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples (tests)."})
@@ -365,7 +367,11 @@ def report(study: StudyArguments, data: dict[str, TensorExamples]) -> str:
     out = Path(study.output_dir)
     runs = read_runs(out / "runs.jsonl")
     best = best_strengths(study, runs)
-    final = [r for r in runs.values() if r["phase"] == "final"]
+    final = [  # only the chosen strengths: a widened grid can leave final runs of an earlier choice behind
+        r
+        for r in runs.values()
+        if r["phase"] == "final" and (r["method"] == "baseline" or best.get((r["batch"], r["method"])) == r["strength"])
+    ]
     lines = [
         f"Fashion-MNIST, KeskarMLP {study.depth}x{study.hidden} (batch norm), {study.epochs:g} epochs, SGD momentum "
         f"{study.momentum}, base LR {study.base_lr} at batch {study.small_batch}, {study.lr_rule} rule, clip "
