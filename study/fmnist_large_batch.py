@@ -18,7 +18,7 @@ Stages (each resumable: finished runs are read back from ``runs.jsonl`` and skip
    accuracy among its seeds) goes to ``<output_dir>/best/<cell>/`` with its weights and a model card
    that carries the final table, its own row in bold.
 
-Usage (about 1 hour on 2 CPU cores with the defaults):
+Usage (about 90 minutes on 2 CPU cores with the defaults):
     python study/fmnist_large_batch.py --output_dir study_outputs/fmnist --stage all
 Tiny settings (for tests):
     python study/fmnist_large_batch.py --output_dir /tmp/s --max_train_samples 600 --max_test_samples 200 \

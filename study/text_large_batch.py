@@ -19,7 +19,7 @@ pretrained MiniLM-L6 cut to its first layers). Stages:
 
 Finished runs and measures are skipped, so the script resumes where it stopped.
 
-Usage (about 95 minutes on 2 CPU cores with the defaults):
+Usage (about 80 minutes on 2 CPU cores with the defaults):
     python study/text_large_batch.py --output_dir study_outputs/text
 """
 
