@@ -65,11 +65,7 @@ def filter_scale_(
     weight: torch.Tensor, draw: torch.Tensor, strength: float, row_axis: int, buffers: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """Per-row multiplier ``a * ||w_row|| / (||u_row|| + eps)`` of AdaSmoothOut, written into ``buffers[0]``."""
-    scale, draw_norm = buffers
-    row_norms_(weight, row_axis, out=scale)
-    row_norms_(draw, row_axis, out=draw_norm)
-    draw_norm.add_(ROW_NORM_EPS)
-    return scale.div_(draw_norm).mul_(strength)
+    return filter_scales_([weight], [draw], strength, [row_axis], [buffers])[0]
 
 
 def filter_scales_(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import sys
 from collections.abc import Iterable
@@ -51,7 +52,7 @@ from hf_smoothout.analysis import (
     interpolation_landscape,
     save_landscape,
 )
-from hf_smoothout.modelcard import write_model_card, write_run_info, write_study_rows
+from hf_smoothout.modelcard import markdown_table, write_model_card, write_run_info, write_study_rows
 
 METHODS = {"baseline": "none", "smoothout": "none", "adasmoothout": "filter"}
 # alpha in [0, 1] only: beyond it the batch-norm running variances extrapolate to negative values and the
@@ -395,11 +396,7 @@ def report(study: StudyArguments, data: dict[str, TensorExamples]) -> str:
         by_cell.setdefault((r["batch"], r["method"]), []).append(r)
     header, rows = final_table(by_cell)
     lines += ["", "Final runs (mean ± std over seeds):", ""]
-    lines += [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ]
+    lines += markdown_table(header, rows).splitlines()
     lines += [
         "",
         "Large-batch gap (small-batch minus large-batch test accuracy, paired by seed, mean ± std):",
@@ -466,8 +463,7 @@ def export_best_runs(
         best = max(cell, key=lambda r: r["test_accuracy"])
         folder = out / "best" / f"b{batch}-{method}"
         folder.mkdir(parents=True, exist_ok=True)
-        model = load_model(study, best["key"])
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        shutil.copyfile(out / "models" / f"{best['key']}.safetensors", folder / "model.safetensors")
         (folder / "keskar_mlp.json").write_text(json.dumps({"hidden": study.hidden, "depth": study.depth}) + "\n")
         results = {
             "test_accuracy": best["test_accuracy"],

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser
 
-from hf_smoothout.modelcard import write_model_card, write_study_rows
+from hf_smoothout.modelcard import markdown_table, write_model_card, write_study_rows
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "glue.py"
 METHODS = {"baseline": None, "smoothout": "none", "adasmoothout": "filter"}
@@ -384,8 +384,8 @@ def final_rows(study: TextStudyArguments) -> tuple[list[str], list[tuple[str, li
     return header, rows
 
 
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    return markdown_table(header, rows).splitlines()
 
 
 def describe(study: TextStudyArguments) -> str:
@@ -410,10 +410,10 @@ def report(study: TextStudyArguments) -> str:
         if res is not None:
             mark = " (chosen)" if run.method != "baseline" and chosen.get(run.method) == run.strength else ""
             sweep.append([run.method, f"{run.strength:g}{mark}", f"{100 * res['holdout_accuracy']:.2f}"])
-    lines += table(["method", "strength", "holdout acc %"], sweep)
+    lines += table_lines(["method", "strength", "holdout acc %"], sweep)
     header, rows = final_rows(study)
     lines += ["", "Final runs (mean ± std over seeds; sharpness on training batches):", ""]
-    lines += table(header, [cells for _, _, cells in rows])
+    lines += table_lines(header, [cells for _, _, cells in rows])
     lines += gap_lines(study)
     plots = sorted((root / "landscapes").glob("*/landscape_interpolation.png"))
     if plots:
@@ -447,7 +447,7 @@ def gap_lines(study: TextStudyArguments) -> list[str]:
         "",
         "Large-batch gap (small-batch baseline minus large-batch test accuracy, paired by seed, points):",
         "",
-        *table(["large-batch method", "gap"], rows),
+        *table_lines(["large-batch method", "gap"], rows),
     ]
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -93,3 +97,12 @@ def run_launcher(cmd: list[str], timeout: float = 240) -> str:
         pytest.fail(f"{cmd[:4]} timed out after {timeout} s:\n{output[-4000:]}")
     assert proc.returncode == 0, output[-4000:]
     return output
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a script that is not in a package (a study) as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

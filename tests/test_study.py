@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import sys
@@ -10,16 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("fmnist_large_batch", ROOT / "study" / "fmnist_large_batch.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "study" / "fmnist_large_batch.py")
 
 
 def fashion_mnist_available() -> bool:
