@@ -16,13 +16,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
 
 from .config import SmoothOutConfig
+from .noise import typical_relative_noise
 
 # Optimizers that update the weights during backward (inside `training_step`).
 _IN_BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
@@ -53,23 +53,6 @@ def check_trainer_setup(trainer: Any) -> None:
             "SmoothOut does not support FSDP through the Trainer yet: FSDP flattens and shards parameters, so "
             "per-row noise scaling and the restore would act on partial rows. Train with DDP instead."
         )
-
-
-def typical_relative_noise(config: SmoothOutConfig, params: list[torch.Tensor]) -> float:
-    """Typical ``|tau_i| / |w_i|`` of one draw at the peak strength (median over weights, roughly).
-
-    ``filter``: about ``a``; ``weight``: ``a * E|u|``; ``none``: ``a / rms(w)`` of the median parameter.
-    """
-    mean_abs_u = 0.5 if config.distribution == "uniform" else math.sqrt(2.0 / math.pi)
-    if config.adapt == "filter":
-        return config.strength * mean_abs_u * math.sqrt(3.0 if config.distribution == "uniform" else 1.0)
-    if config.adapt == "weight":
-        return config.strength * mean_abs_u
-    ratios = []
-    for p in params:
-        rms = float(p.detach().float().pow(2).mean().sqrt()) if p.numel() else 0.0
-        ratios.append(config.strength * mean_abs_u / rms if rms > 0 else math.inf)
-    return float(sorted(ratios)[len(ratios) // 2]) if ratios else math.inf
 
 
 def warn_if_below_resolution(config: SmoothOutConfig, params: list[torch.Tensor], compute_dtype: torch.dtype) -> bool:

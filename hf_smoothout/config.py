@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -24,14 +26,52 @@ Schedule = Literal["constant", "anneal", "tanh"]
 Restore = Literal["copy", "regenerate"]
 
 
+_SEED_LIMIT = 2**64
+
+
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"SmoothOutConfig.{name}={value!r} is not valid; allowed values: {', '.join(allowed)}.")
 
 
-@dataclass
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"SmoothOutConfig.{name}={value!r} is not valid; it must be True or False (got a {type(value).__name__})."
+        )
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"SmoothOutConfig.{name}={value!r} is not valid; it must be a number.")
+    return float(value)
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else value
+    try:
+        patterns = tuple(patterns)
+    except TypeError:
+        raise ValueError(
+            f"SmoothOutConfig.{name}={value!r} is not valid; it must be a regular expression or a list of them."
+        ) from None
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(
+                f"SmoothOutConfig.{name} holds {pattern!r} ({type(pattern).__name__}); every entry must be a string "
+                "(a regular expression matched against parameter names)."
+            )
+    return patterns
+
+
+@dataclass(frozen=True)
 class SmoothOutConfig:
     """Every knob of SmoothOut / AdaSmoothOut (Wen et al., arXiv 1805.07898).
+
+    The config is immutable and validated once, at construction: derive a changed copy with
+    ``dataclasses.replace(config, strength=...)`` (validated again).
 
     Attributes:
         strength: the noise strength ``a``. With ``adapt="filter"`` each row's noise vector has
@@ -52,19 +92,23 @@ class SmoothOutConfig:
             from the saved generator state to remove it: **not bit-exact** (rounding drift of a
             few ulps per step) and refused when ranks draw different noise.
         skip_norm_layers: leave parameters of normalization layers (BatchNorm, LayerNorm,
-            GroupNorm, RMSNorm, ...) untouched.
+            GroupNorm, RMSNorm, ...) untouched. (The authors' script skips only BatchNorm.)
         skip_bias: leave parameters named ``*bias`` untouched.
         include: if given, only parameters whose name matches one of these regular expressions
-            (``re.search``) are perturbed.
+            (``re.search``) are perturbed. Stored as a tuple.
         exclude: parameters whose name matches one of these regular expressions are skipped.
-        seed: seed of the noise generator; ``None`` derives it from torch's initial seed (the
-            Trainer passes ``TrainingArguments.seed``).
+            Stored as a tuple.
+        seed: seed of the noise generator, an integer in ``[0, 2**64)``; ``None`` derives it from
+            torch's initial seed (the Trainer passes ``TrainingArguments.seed``).
         independent_ranks: each distributed rank draws different noise (seed offset by rank),
             so data-parallel training averages ``world_size`` noise samples per step.
 
     Example:
         >>> SmoothOutConfig(strength=0.005, adapt="none", samples=2).to_dict()["samples"]
         2
+        >>> import dataclasses
+        >>> dataclasses.replace(SmoothOutConfig(), strength=0.02).strength
+        0.02
     """
 
     strength: float = 0.01
@@ -78,17 +122,22 @@ class SmoothOutConfig:
     restore: Restore = "copy"
     skip_norm_layers: bool = True
     skip_bias: bool = False
-    include: list[str] | None = None
-    exclude: list[str] | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
     seed: int | None = None
     independent_ranks: bool = True
-    _compiled: dict[str, list[re.Pattern[str]]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _compiled: dict[str, tuple[re.Pattern[str], ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real):
             raise ValueError(f"SmoothOutConfig.strength must be a number, got {self.strength!r}.")
-        self.strength = float(self.strength)
-        if not (self.strength >= 0.0) or self.strength == float("inf"):
+        put("strength", float(self.strength))
+        if not math.isfinite(self.strength) or self.strength < 0.0:
             raise ValueError(
                 f"SmoothOutConfig.strength={self.strength!r} is not valid; it must be a finite number >= 0 "
                 "(0 disables SmoothOut; typical values are 1e-3 to 5e-2 with adapt='filter')."
@@ -97,12 +146,16 @@ class SmoothOutConfig:
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("restore", self.restore, RESTORE_MODES)
-        if not (self.anneal_index > 0.0):
-            raise ValueError(f"SmoothOutConfig.anneal_index={self.anneal_index!r} is not valid; it must be > 0.")
-        if not (self.tanh_scale > 0.0):
-            raise ValueError(f"SmoothOutConfig.tanh_scale={self.tanh_scale!r} is not valid; it must be > 0.")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+        for name in ("anneal_index", "tanh_scale"):
+            value = _number(name, getattr(self, name))
+            if not (math.isfinite(value) and value > 0.0):
+                raise ValueError(f"SmoothOutConfig.{name}={value!r} is not valid; it must be a finite number > 0.")
+            put(name, value)
+        for name in ("denoise", "skip_norm_layers", "skip_bias", "independent_ranks"):
+            _check_bool(name, getattr(self, name))
+        if isinstance(self.samples, bool) or not isinstance(self.samples, numbers.Integral) or self.samples < 1:
             raise ValueError(f"SmoothOutConfig.samples={self.samples!r} is not valid; it must be an integer >= 1.")
+        put("samples", int(self.samples))
         if not self.denoise and self.samples > 1:
             raise ValueError(
                 "SmoothOutConfig.samples > 1 needs denoise=True: without de-noising every extra sample would "
@@ -113,25 +166,31 @@ class SmoothOutConfig:
                 "SmoothOutConfig: adapt='weight' with restore='regenerate' needs strength < 1 (the weight is "
                 f"recovered by dividing by 1 + a*u); got strength={self.strength}. Use restore='copy'."
             )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"SmoothOutConfig.seed={self.seed!r} is not valid; it must be None or an integer >= 0.")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+                raise ValueError(f"SmoothOutConfig.seed={self.seed!r} is not valid; it must be None or an integer.")
+            if not 0 <= self.seed < _SEED_LIMIT:
+                raise ValueError(
+                    f"SmoothOutConfig.seed={self.seed!r} is out of range; it must be in [0, 2**64) (the noise seed "
+                    "is a 64-bit integer, and larger values would silently alias smaller ones)."
+                )
+            put("seed", int(self.seed))
+        compiled: dict[str, tuple[re.Pattern[str], ...]] = {}
         for name in ("include", "exclude"):
-            patterns = getattr(self, name)
+            patterns = _patterns(name, getattr(self, name))
+            put(name, patterns)
             if patterns is None:
                 continue
-            if isinstance(patterns, str):
-                patterns = [patterns]
-            patterns = list(patterns)
-            setattr(self, name, patterns)
-            compiled = []
+            regexes = []
             for pattern in patterns:
                 try:
-                    compiled.append(re.compile(pattern))
+                    regexes.append(re.compile(pattern))
                 except re.error as err:
                     raise ValueError(
                         f"SmoothOutConfig.{name} holds an invalid regular expression {pattern!r}: {err}."
                     ) from err
-            self._compiled[name] = compiled
+            compiled[name] = tuple(regexes)
+        put("_compiled", compiled)
 
     @property
     def enabled(self) -> bool:
@@ -150,13 +209,16 @@ class SmoothOutConfig:
         include = self._compiled.get("include")
         if include is not None and not any(p.search(name) for p in include):
             return False
-        exclude = self._compiled.get("exclude", [])
+        exclude = self._compiled.get("exclude", ())
         return not any(p.search(name) for p in exclude)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict view (for logs, model cards and JSON)."""
         data = asdict(self)
         data.pop("_compiled", None)
+        for name in ("include", "exclude"):
+            if data[name] is not None:
+                data[name] = list(data[name])
         return data
 
     @classmethod

@@ -9,7 +9,14 @@ draw a stream's generator is seeded from ``(seed, rank, stream, draw index)``: t
 function of those alone (not of the thread count), the regenerate restore re-seeds to redraw it
 without saving generator states, and a checkpoint only needs the draw index. On CPU, where
 random-number generation dominates and is single-threaded per generator, streams are drawn in
-parallel by worker threads.
+parallel by worker threads (`hf_smoothout.threads`), and nothing touches the weights again until
+every worker has stopped, also on Ctrl-C.
+
+Safety checks on every perturb, each a few attribute reads per parameter: a parameter whose storage
+was replaced (``model.half(); model.float()``, ``p.data = ...``) is re-bound, a parameter object that
+was replaced in its module (``load_state_dict(..., assign=True)``) is refused with an error, and a
+parameter another engine holds noise in is refused (`hf_smoothout.ownership`). The first perturb at
+each new peak strength checks that the noisy weights are finite.
 
 Example:
     >>> import torch
@@ -28,8 +35,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +45,11 @@ import torch
 from torch import nn
 
 from .config import SmoothOutConfig
-from .noise import add_noise_, draw_, filter_scales_, remove_noise_, row_norm_buffers
+from .noise import add_noise_, draw_, filter_scales_, remove_noise_, row_norm_buffers, typical_relative_noise
+from .ownership import claim, release
 from .schedules import noise_coefficient
 from .selection import SelectedParameter, select_parameters
+from .threads import StreamRunner, interrupts_deferred
 
 STREAMS_PER_GROUP = 8
 """Noise streams per (device, dtype) group: fixed, so the noise never depends on the thread count."""
@@ -52,6 +62,14 @@ _SCRATCH_FRACTION = 128
 _MAX_SCRATCH_WORKERS = 2
 # Below this many CPU elements, thread dispatch costs more than it saves.
 _MIN_PARALLEL_ELEMENTS = 1 << 20
+# A finiteness check of the noisy weights runs at the first perturb and whenever the effective strength
+# exceeds this factor times the last checked one (a handful of checks per run, whatever the schedule).
+_FINITE_CHECK_GROWTH = 2.0
+_SEED_LIMIT = 2**64
+
+
+class NonFiniteNoiseError(RuntimeError):
+    """The noise made finite weights non-finite (overflow): the strength is far too large."""
 
 
 @dataclass
@@ -61,6 +79,9 @@ class _Slot:
     name: str
     param: nn.Parameter
     row_axis: int
+    data: torch.Tensor  # the parameter's tensor when the buffers were built (keeps that storage alive)
+    module: nn.Module | None = None
+    local_name: str = ""
     backup: torch.Tensor | None = None
     norms: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -125,6 +146,46 @@ def _balanced_split(slots: list[_Slot], parts: int) -> list[list[_Slot]]:
     return [sorted(b, key=lambda s: order[id(s)]) for b in bins if b]
 
 
+def check_restore_mode(config: SmoothOutConfig, world_size: int) -> None:
+    """Raise ``ValueError`` when ``config.restore`` cannot keep data-parallel replicas identical.
+
+    Example:
+        >>> check_restore_mode(SmoothOutConfig(restore="regenerate"), world_size=1)
+    """
+    if config.restore == "regenerate" and config.denoise and config.independent_ranks and world_size > 1:
+        raise ValueError(
+            "restore='regenerate' is refused when ranks draw different noise (independent_ranks=True with "
+            f"world_size={world_size}): its rounding drift differs per rank and data-parallel replicas "
+            "would diverge for good. Use restore='copy' (bit-exact), or independent_ranks=False."
+        )
+
+
+def warn_if_implausible_strength(config: SmoothOutConfig, params: list[torch.Tensor]) -> bool:
+    """Warn when one draw's noise would typically be larger than the weights themselves. Returns whether it warned.
+
+    Example:
+        >>> import torch
+        >>> warn_if_implausible_strength(SmoothOutConfig(strength=0.01), [torch.ones(3, 3)])
+        False
+    """
+    if not config.enabled or not params:
+        return False
+    if config.adapt in ("filter", "weight"):
+        implausible, what = config.strength > 1.0, f"strength {config.strength:g} > 1 with adapt={config.adapt!r}"
+    else:
+        relative = typical_relative_noise(config, params)
+        implausible, what = relative > 1.0, f"typical |noise| / |weight| of {relative:.3g} with adapt='none'"
+    if implausible:
+        warnings.warn(
+            f"SmoothOut: {what}: the noise is larger than the weights it perturbs, which destroys what the model "
+            "computes. Typical strengths are 1e-3 to 5e-2 (adapt='filter' or 'weight'), or about 1e-4 to 1e-2 "
+            "for adapt='none' (an absolute box, compare it with your weights' scale).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return implausible
+
+
 class SmoothOut:
     """Stochastic SmoothOut / AdaSmoothOut on the parameters of ``model``.
 
@@ -167,12 +228,7 @@ class SmoothOut:
         default_rank, default_world = _distributed_rank_and_size()
         self.rank = default_rank if rank is None else int(rank)
         self.world_size = default_world if world_size is None else int(world_size)
-        if config.restore == "regenerate" and config.denoise and config.independent_ranks and self.world_size > 1:
-            raise ValueError(
-                "restore='regenerate' is refused when ranks draw different noise (independent_ranks=True with "
-                f"world_size={self.world_size}): its rounding drift differs per rank and data-parallel replicas "
-                "would diverge for good. Use restore='copy' (bit-exact), or independent_ranks=False."
-            )
+        check_restore_mode(config, self.world_size)
         self.model = model
         self.config = config
         self._selected: list[SelectedParameter] = select_parameters(model, config)
@@ -187,17 +243,19 @@ class SmoothOut:
         self.base_seed = base_seed
         self.num_threads = num_threads if num_threads is not None else max(1, torch.get_num_threads())
         self._streams: list[_Stream] = []
+        self._slots: list[_Slot] = []
         self._copy_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._scratch: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._runner: StreamRunner[_Stream] | None = None
         self._workers = 1
         self._noise_rank = self.rank if config.independent_ranks else 0
         self._draws = 0  # noise draws so far: the only state a checkpoint needs
-        self._layout: tuple[Any, ...] = ()
         self._perturbed = False
         self._noop = False
         self._current_strength = 0.0
+        self._checked_strength = 0.0  # largest strength whose noisy weights were checked to be finite
         self._allocate()
+        warn_if_implausible_strength(config, self.parameters)
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -254,27 +312,25 @@ class SmoothOut:
         )
 
     # ------------------------------------------------------------------ buffers
-    def _current_layout(self) -> tuple[Any, ...]:
-        return tuple((s.param.device, s.param.dtype, tuple(s.param.shape)) for s in self._selected)
-
     def _uses_backup(self) -> bool:
         return self.config.denoise and self.config.restore == "copy"
 
     def _allocate(self) -> None:
-        """(Re)build streams and buffers for the parameters' current device, dtype and shape."""
+        """(Re)build streams and buffers for the parameters' current storage, device, dtype and shape."""
         if self._perturbed:
             raise RuntimeError("Cannot reallocate SmoothOut buffers while the weights are perturbed.")
-        self._layout = self._current_layout()
         enabled = self.config.enabled
         groups: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
+        self._slots = []
         for sel in self._selected:
             p = sel.param
-            slot = _Slot(sel.name, p, sel.row_axis)
+            slot = _Slot(sel.name, p, sel.row_axis, p.data, sel.module, sel.local_name)
             if enabled and self._uses_backup():
-                slot.backup = torch.empty_like(p.data, memory_format=torch.contiguous_format)
+                slot.backup = torch.empty_like(slot.data, memory_format=torch.contiguous_format)
             if enabled and self.config.adapt == "filter":
-                slot.norms = row_norm_buffers(p.data, sel.row_axis)
+                slot.norms = row_norm_buffers(slot.data, sel.row_axis)
             groups.setdefault((p.device, p.dtype), []).append(slot)
+            self._slots.append(slot)
 
         self._streams, self._copy_groups, self._scratch = [], [], {}
         cpu_numel = sum(s.param.numel() for (device, _), slots in groups.items() if device.type == "cpu" for s in slots)
@@ -287,7 +343,7 @@ class SmoothOut:
                 self._streams.append(_Stream(device, dtype, torch.Generator(device=device), stream_id, part))
                 stream_id += 1
             if enabled and self._uses_backup():
-                self._copy_groups.append(([s.param.data for s in slots], [s.backup for s in slots]))  # type: ignore[misc]
+                self._copy_groups.append(([s.data for s in slots], [s.backup for s in slots]))  # type: ignore[misc]
             if enabled and not self._uses_backup():
                 total = sum(s.param.numel() for s in slots)
                 largest_row = max(_row_block(s.param, s.row_axis) for s in slots)
@@ -296,47 +352,68 @@ class SmoothOut:
                 )
                 workers = self._workers if device.type == "cpu" else 1
                 self._scratch[(device, dtype)] = [torch.empty(size, device=device, dtype=dtype) for _ in range(workers)]
+        if self._runner is not None:
+            self._runner.close()
+        self._runner = StreamRunner(self._workers)
 
-    def _ensure_layout(self) -> None:
-        if self._current_layout() != self._layout:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+    def _check_bindings(self) -> None:
+        """Re-bind the buffers if a parameter's storage changed; refuse a parameter object that was replaced."""
+        stale = False
+        for slot in self._slots:
+            if slot.module is not None and slot.module._parameters.get(slot.local_name) is not slot.param:
+                raise RuntimeError(
+                    f"SmoothOut: the model's parameter {slot.name!r} was replaced by a different Parameter object "
+                    "after this engine was built (e.g. load_state_dict(..., assign=True), or assigning "
+                    "module.weight = nn.Parameter(...)). The engine would perturb the old object, which no longer "
+                    "takes part in the forward pass. Build a new SmoothOut(model, config) after replacing "
+                    "parameters (and a new optimizer, which holds the old objects too)."
+                )
+            data, live = slot.data, slot.param
+            if (
+                live.data_ptr() != data.data_ptr()
+                or live.shape != data.shape
+                or live.dtype != data.dtype
+                or live.device != data.device
+                or live.stride() != data.stride()
+            ):
+                stale = True
+        if stale:
             self._allocate()
 
-    def _run_streams(self, work: Callable[[_Stream, int], None]) -> None:
-        """Run ``work(stream, worker)`` on every stream: CPU streams on worker threads, others in order.
+    def _run_streams(self, work: Callable[[_Stream, int], None], *, cancellable: bool = False) -> None:
+        """Run ``work(stream, worker)`` on every stream: CPU streams on worker threads, others in this thread.
 
-        Every stream runs even if another fails; the first error is raised afterwards.
+        Returns or raises only once no worker touches the weights any more (also on Ctrl-C); the first
+        error is raised then. ``cancellable``: on an error or interrupt, skip the streams not yet started.
         """
+        assert self._runner is not None
         cpu = [s for s in self._streams if s.device.type == "cpu"]
+        others = [s for s in self._streams if s.device.type != "cpu"]
         workers = self._workers if cpu else 1
-        errors: list[BaseException] = []
+        loads: list[list[_Stream]] = [[] for _ in range(workers)]
+        sizes = [0] * workers
+        for stream in sorted(cpu, key=lambda s: -s.numel):
+            i = sizes.index(min(sizes))
+            loads[i].append(stream)
+            sizes[i] += stream.numel
+        self._runner.run([load for load in loads if load], work, inline=others, cancellable=cancellable)
 
-        def run_all(streams: list[_Stream], worker: int) -> None:
-            for stream in streams:
-                try:
-                    work(stream, worker)
-                except BaseException as err:  # collected, re-raised below
-                    errors.append(err)
+    def _all_finite(self) -> bool:
+        """Whether every selected weight is finite (one max-abs reduction per tensor, one sync per device)."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for slot in self._slots:
+            by_device.setdefault(slot.data.device, []).append(slot.data)
+        for tensors in by_device.values():
+            peaks = torch._foreach_norm(tensors, ord=math.inf)
+            if not bool(torch.stack([p.float() for p in peaks]).isfinite().all()):
+                return False
+        return True
 
-        if workers > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="smoothout")
-            loads: list[list[_Stream]] = [[] for _ in range(workers)]
-            sizes = [0] * workers
-            for stream in sorted(cpu, key=lambda s: -s.numel):
-                i = sizes.index(min(sizes))
-                loads[i].append(stream)
-                sizes[i] += stream.numel
-            futures = [self._pool.submit(run_all, streams, i) for i, streams in enumerate(loads)]
-            for future in futures:
-                future.result()
-            run_all([s for s in self._streams if s.device.type != "cpu"], 0)
-        else:
-            run_all(self._streams, 0)
-        if errors:
-            raise errors[0]
+    def _first_non_finite(self) -> str:
+        for slot in self._slots:
+            if not bool(torch.isfinite(slot.data).all()):
+                return slot.name
+        return "?"
 
     # ------------------------------------------------------------------ perturb / restore
     def perturb(self, step: int = 0, total_steps: int | None = None) -> float:
@@ -354,8 +431,25 @@ class SmoothOut:
         if self._noop:
             self._perturbed = True
             return strength
-        self._ensure_layout()
+        with interrupts_deferred() as interrupt:  # Ctrl-C during perturb: restore, then raise it
+            self._check_bindings()
+            claim(((slot.name, slot.param) for slot in self._slots), self)
+            try:
+                self._perturb_claimed(strength)
+            except BaseException:
+                if self._perturbed:
+                    self.restore()
+                else:
+                    release((slot.param for slot in self._slots), self)
+                raise
+            if interrupt.pending:
+                self.restore()
+        return strength
+
+    def _perturb_claimed(self, strength: float) -> None:
         with torch.no_grad():
+            check_finite = strength > _FINITE_CHECK_GROWTH * self._checked_strength
+            clean_finite = self._all_finite() if check_finite else False
             if self._uses_backup():
                 for params, backups in self._copy_groups:
                     torch._foreach_copy_(backups, params)
@@ -363,12 +457,15 @@ class SmoothOut:
                 self._seed_stream(stream)
                 stream.chunks_done = 0
             self._perturbed = True
-            try:
-                self._run_streams(lambda stream, worker: self._perturb_stream(stream, worker, strength))
-            except BaseException:
-                self.restore()
-                raise
-        return strength
+            self._run_streams(lambda stream, worker: self._perturb_stream(stream, worker, strength), cancellable=True)
+            if clean_finite:
+                if not self._all_finite():
+                    raise NonFiniteNoiseError(
+                        f"SmoothOut: noise of strength {strength:g} (adapt={self.config.adapt!r}) made finite "
+                        f"weights non-finite (first in {self._first_non_finite()!r}): the strength is far too "
+                        "large for these weights. Lower it (typical: 1e-3 to 5e-2 with adapt='filter')."
+                    )
+                self._checked_strength = strength
 
     def _seed_stream(self, stream: _Stream) -> None:
         stream.generator.manual_seed(derive_seed(self.base_seed, self._noise_rank, stream.stream_id, self._draws))
@@ -377,7 +474,7 @@ class SmoothOut:
         cfg = self.config
         if self._uses_backup() and cfg.adapt == "filter":
             # Draw into the parameters, per-row scales for the whole stream, then param = backup + scale * draw.
-            draws = [draw_(slot.param.data, cfg.distribution, stream.generator) for slot in stream.slots]
+            draws = [draw_(slot.data, cfg.distribution, stream.generator) for slot in stream.slots]
             scales = filter_scales_(
                 [slot.backup for slot in stream.slots],  # type: ignore[misc]
                 draws,
@@ -391,7 +488,7 @@ class SmoothOut:
         if self._uses_backup():
             # Draw straight into the parameter, then one fused pass: param = backup + multiplier * draw.
             for slot in stream.slots:
-                draw = draw_(slot.param.data, cfg.distribution, stream.generator)
+                draw = draw_(slot.data, cfg.distribution, stream.generator)
                 add_noise_(
                     draw,
                     slot.backup,
@@ -419,15 +516,18 @@ class SmoothOut:
         """
         if not self._perturbed:
             return
-        if not self._noop and self.config.denoise:
-            with torch.no_grad():
-                if self._uses_backup():
-                    for params, backups in self._copy_groups:
-                        torch._foreach_copy_(params, backups)
-                else:
-                    self._run_streams(self._regenerate_and_remove)
-        self._perturbed = False
-        self._draws += 1
+        with interrupts_deferred():  # Ctrl-C waits until the weights are clean and the state says so
+            if not self._noop and self.config.denoise:
+                with torch.no_grad():
+                    if self._uses_backup():
+                        for params, backups in self._copy_groups:
+                            torch._foreach_copy_(params, backups)
+                    else:
+                        self._run_streams(self._regenerate_and_remove)
+            self._perturbed = False
+            if not self._noop:
+                release((slot.param for slot in self._slots), self)
+            self._draws += 1
 
     def _regenerate_and_remove(self, stream: _Stream, worker: int) -> None:
         cfg = self.config
@@ -459,42 +559,106 @@ class SmoothOut:
             ...     a
             0.02
         """
-        strength = self.perturb(step, total_steps)
-        try:
+        try:  # perturb inside the try: an interrupt right after it returns still restores
+            strength = self.perturb(step, total_steps)
             yield strength
         finally:
             self.restore()
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The noise position (seed and draw count), for bit-exact resume. Refused while perturbed.
+        """The noise position (seed and draw count) and the settings that drew it. Refused while perturbed.
+
+        ``base_seed`` and ``draws`` are all a bit-exact resume needs; ``config``, ``rank`` and
+        ``world_size`` let `load_state_dict` say what changed since the state was saved.
 
         Example:
             >>> from torch import nn
             >>> so = SmoothOut(nn.Linear(2, 2), SmoothOutConfig(seed=3))
             >>> with so.perturbed():
             ...     pass
-            >>> so.state_dict()
-            {'base_seed': 3, 'draws': 1}
+            >>> {k: so.state_dict()[k] for k in ("base_seed", "draws", "rank", "world_size")}
+            {'base_seed': 3, 'draws': 1, 'rank': 0, 'world_size': 1}
         """
         if self._perturbed:
             raise RuntimeError("SmoothOut.state_dict() while the weights are perturbed; call restore() first.")
-        return {"base_seed": self.base_seed, "draws": self._draws}
+        return {
+            "base_seed": self.base_seed,
+            "draws": self._draws,
+            "config": self.config.to_dict(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the noise sequence saved by ``state_dict`` (seed and draw count)."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
+        """Continue the noise sequence saved by ``state_dict`` (seed and draw count).
+
+        Warns when the saved settings differ from this engine's (the resumed run then differs from an
+        uninterrupted one) and returns those differences as ``"field: saved -> current"`` lines. The
+        saved seed always wins over ``config.seed``: that is what continues the noise sequence.
+
+        Raises:
+            ValueError: if ``state`` is not a SmoothOut state, or holds out-of-range values.
+
+        Example:
+            >>> from torch import nn
+            >>> so = SmoothOut(nn.Linear(2, 2), SmoothOutConfig(seed=3))
+            >>> so.load_state_dict({"base_seed": 3, "draws": 7}); so.state_dict()["draws"]
+            []
+            7
+        """
         if self._perturbed:
             raise RuntimeError("SmoothOut.load_state_dict() while the weights are perturbed; call restore() first.")
-        missing = {"base_seed", "draws"} - set(state)
-        if missing:
-            raise ValueError(f"Not a SmoothOut state: missing {sorted(missing)}.")
-        self.base_seed = int(state["base_seed"])
-        self._draws = int(state["draws"])
+        validate_state(state)
+        seed, draws = state["base_seed"], state["draws"]
+        differences = []
+        saved = state.get("config")
+        if isinstance(saved, Mapping):
+            current = self.config.to_dict()
+            for name in SmoothOutConfig.field_names():
+                if name != "seed" and name in saved and saved[name] != current[name]:
+                    differences.append(f"{name}: {saved[name]!r} -> {current[name]!r}")
+        if self.config.seed is not None and self.config.seed != seed:
+            differences.append(f"seed: {seed!r} -> {self.config.seed!r} (the saved seed {seed} is kept)")
+        if differences:
+            warnings.warn(
+                "SmoothOut: resuming a noise state saved with other settings ("
+                + "; ".join(differences)
+                + "). The run continues with the current settings and will differ from an uninterrupted run.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.base_seed = seed
+        self._draws = draws
+        return differences
 
-    def __del__(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False)
+    def close(self) -> None:
+        """Stop the worker threads (the engine still works afterwards; threads restart on demand)."""
+        if self._runner is not None:
+            self._runner.close()
+
+
+def validate_state(state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` is a SmoothOut noise state (as `SmoothOut.state_dict` returns).
+
+    Example:
+        >>> validate_state({"base_seed": 1, "draws": -2})
+        Traceback (most recent call last):
+        ...
+        ValueError: Not a valid SmoothOut state: draws=-2 (must be an integer >= 0).
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(f"Not a SmoothOut state: expected a dict, got {type(state).__name__}.")
+    missing = {"base_seed", "draws"} - set(state)
+    if missing:
+        raise ValueError(f"Not a SmoothOut state: missing {sorted(missing)}.")
+    for name, limit in (("base_seed", _SEED_LIMIT), ("draws", None)):
+        value = state[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (limit and value >= limit):
+            raise ValueError(
+                f"Not a valid SmoothOut state: {name}={value!r} (must be an integer >= 0"
+                f"{' and < 2**64' if limit else ''})."
+            )
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -517,7 +681,7 @@ def _chunks(
     """
     capacity = scratch.numel()
     for slot in stream.slots:
-        weight = slot.param.data
+        weight = slot.data
         if weight.ndim == 0:
             yield slot, weight, scratch[:1].view(()), slot.norms
             continue

@@ -23,6 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
 ROW_NORM_EPS = 1e-6
@@ -144,3 +147,27 @@ def remove_noise_(
             raise ValueError("adapt='filter' needs the row_scale returned by add_noise_.")
         return noisy.addcmul_(draw, row_scale, value=-1.0)
     raise ValueError(f"Unknown adapt mode {adapt!r}; allowed: filter, none, weight.")
+
+
+def typical_relative_noise(config: Any, params: list[torch.Tensor]) -> float:
+    """Typical ``|tau_i| / |w_i|`` of one draw at the peak strength (median over weights, roughly).
+
+    ``filter``: about ``a``; ``weight``: ``a * E|u|``; ``none``: ``a / rms(w)`` of the median parameter.
+    ``config`` is a `SmoothOutConfig` (``strength``, ``adapt`` and ``distribution`` are read).
+
+    Example:
+        >>> from hf_smoothout import SmoothOutConfig
+        >>> round(typical_relative_noise(SmoothOutConfig(strength=0.1, adapt="weight"), []), 3)
+        0.05
+    """
+    mean_abs_u = 0.5 if config.distribution == "uniform" else math.sqrt(2.0 / math.pi)
+    if config.adapt == "filter":
+        return config.strength * mean_abs_u * math.sqrt(3.0 if config.distribution == "uniform" else 1.0)
+    if config.adapt == "weight":
+        return config.strength * mean_abs_u
+    ratios = []
+    for p in params:
+        norm = float(torch.linalg.vector_norm(p.detach(), dtype=torch.float32)) if p.numel() else 0.0
+        rms = norm / math.sqrt(p.numel()) if p.numel() else 0.0
+        ratios.append(config.strength * mean_abs_u / rms if rms > 0 else math.inf)
+    return float(sorted(ratios)[len(ratios) // 2]) if ratios else math.inf

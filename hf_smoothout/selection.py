@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,11 +33,13 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
 
 @dataclass(frozen=True)
 class SelectedParameter:
-    """A parameter chosen for noise, with its name and output axis."""
+    """A parameter chosen for noise, with its name, output axis and the module that owns it as ``local_name``."""
 
     name: str
     param: nn.Parameter
     row_axis: int
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+    local_name: str = ""
 
 
 def is_normalization_layer(module: nn.Module) -> bool:
@@ -74,5 +76,5 @@ def select_parameters(model: nn.Module, config: SmoothOutConfig) -> list[Selecte
                 continue
             if not config.selects_name(name):
                 continue
-            selected.append(SelectedParameter(name, param, output_axis(module, local_name, param)))
+            selected.append(SelectedParameter(name, param, output_axis(module, local_name, param), module, local_name))
     return selected

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -31,12 +32,45 @@ from transformers.utils import logging
 from .arguments import SmoothOutTrainingArguments
 from .compat import check_trainer_setup, warn_if_below_resolution
 from .config import SmoothOutConfig
-from .engine import SmoothOut
+from .engine import NonFiniteNoiseError, SmoothOut, check_restore_mode, validate_state
+from .selection import select_parameters
 
 logger = logging.get_logger(__name__)
 
 STATE_FILE = "smoothout_state_{rank}.pth"
 STRENGTH_LOG_KEY = "smoothout_strength"
+# Without logging_nan_inf_filter, the loss at the noisy weights is checked for finiteness at the first step and
+# whenever the effective strength exceeds this factor times the last checked one.
+_LOSS_CHECK_GROWTH = 2.0
+
+
+def check_selection(model: nn.Module | None, config: SmoothOutConfig) -> None:
+    """Raise ``ValueError`` when an enabled ``config`` selects no trainable parameter of ``model``.
+
+    Example:
+        >>> from torch import nn
+        >>> try:
+        ...     check_selection(nn.Linear(2, 2), SmoothOutConfig(include=["decoder"]))
+        ... except ValueError as err:
+        ...     print(str(err).split(":")[0])
+        SmoothOut selects no trainable parameter
+    """
+    if model is None or not config.enabled or select_parameters(model, config):
+        return
+    everything = dataclasses.replace(config, skip_norm_layers=False, skip_bias=False, include=None, exclude=None)
+    trainable = len(select_parameters(model, everything))
+    named = [name for name, _ in model.named_parameters()]
+    frozen_matches = [name for name, p in model.named_parameters() if not p.requires_grad and config.selects_name(name)]
+    hint = (
+        f" Your patterns only match frozen parameters (e.g. {frozen_matches[0]!r}); frozen parameters never get noise."
+        if frozen_matches and len(frozen_matches) == len([n for n in named if config.selects_name(n)])
+        else ""
+    )
+    raise ValueError(
+        f"SmoothOut selects no trainable parameter: of the model's {len(named)} parameters ({trainable} trainable), "
+        f"none passes include={config.include}, exclude={config.exclude}, skip_norm_layers={config.skip_norm_layers}, "
+        f"skip_bias={config.skip_bias}.{hint} Fix the selection, or set smoothout strength 0 to train without noise."
+    )
 
 
 def resolve_smoothout_config(args: Any, smoothout_config: SmoothOutConfig | None) -> SmoothOutConfig:
@@ -78,11 +112,17 @@ class SmoothOutMixin:
     def __init__(self, *args: Any, smoothout_config: SmoothOutConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.smoothout_config = resolve_smoothout_config(self.args, smoothout_config)
-        check_trainer_setup(self)
+        if self.smoothout_config.enabled:
+            check_trainer_setup(self)
+            check_restore_mode(self.smoothout_config, self.args.world_size)
+            check_selection(self.model, self.smoothout_config)
         self.smoothout: SmoothOut | None = None
         self._smoothout_pending_state: dict[str, Any] | None = None
         self._smoothout_samples_in_flight = 1
         self._smoothout_loss_scaled = False
+        self._smoothout_loss_checked = 0.0
+        if self.smoothout_config.enabled and self.model is not None:
+            self.smoothout_engine()  # buffers and plausibility warnings now, not at the first step
 
     # ------------------------------------------------------------------ engine
     def smoothout_engine(self) -> SmoothOut:
@@ -93,7 +133,7 @@ class SmoothOutMixin:
             )
             if engine.num_parameters == 0 and self.smoothout_config.enabled:
                 logger.warning("SmoothOut selected no parameters: check include/exclude and skip_* settings.")
-            compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            compute_dtype = self._smoothout_compute_dtype()
             params = engine.parameters
             low = {p.dtype for p in params} & {torch.bfloat16, torch.float16}
             dtype = compute_dtype or (min(low, key=str) if low else None)
@@ -104,6 +144,23 @@ class SmoothOutMixin:
                 self._smoothout_pending_state = None
             self.smoothout = engine
         return self.smoothout
+
+    def _smoothout_compute_dtype(self) -> torch.dtype | None:
+        """The autocast dtype the forward really runs in (accelerate ignores fp16 on CPU), else ``None``."""
+        accelerator = getattr(self, "accelerator", None)
+        mixed = str(getattr(accelerator, "mixed_precision", "no")) if accelerator is not None else "no"
+        if mixed == "no" and accelerator is None:
+            mixed = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+        if dtype is not None and accelerator is not None and not getattr(accelerator, "native_amp", True):
+            if not getattr(self, "_smoothout_told_no_amp", False):
+                logger.warning(
+                    f"mixed precision {mixed!r} is not active on {self.args.device.type} (accelerate runs the forward "
+                    "in the parameters' dtype there), so SmoothOut's noise is not rounded to it."
+                )
+                self._smoothout_told_no_amp = True
+            return None
+        return dtype
 
     # ------------------------------------------------------------------ the step
     def training_step(
@@ -125,12 +182,13 @@ class SmoothOutMixin:
         for _ in range(samples):
             self._smoothout_samples_in_flight = samples
             self._smoothout_loss_scaled = False
-            engine.perturb(step, total)
-            try:
+            try:  # perturb inside the try: an interrupt right after it returns still restores
+                engine.perturb(step, total)
                 loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 engine.restore()
                 self._smoothout_samples_in_flight = 1
+            self._smoothout_check_loss(model, inputs, loss, engine.current_strength)
             if samples > 1 and not self._smoothout_loss_scaled:
                 raise RuntimeError(
                     f"smoothout samples={samples} needs the loss divided by {samples}, which SmoothOutMixin does in "
@@ -140,6 +198,37 @@ class SmoothOutMixin:
             total_loss = loss if total_loss is None else total_loss + loss
         assert total_loss is not None
         return total_loss
+
+    def _smoothout_check_loss(
+        self, model: nn.Module, inputs: dict[str, Any], loss: torch.Tensor, strength: float
+    ) -> None:
+        """Refuse a non-finite loss at the noisy weights when the loss at the clean weights is finite.
+
+        Checked every micro-batch when ``logging_nan_inf_filter`` is on (the Trainer reads the loss on the
+        host then anyway, so this adds no synchronization), else at each new peak strength. The clean loss
+        is only computed (one extra forward, no gradient) when the noisy one is not finite.
+        """
+        every_step = bool(getattr(self.args, "logging_nan_inf_filter", True))
+        if not every_step and strength <= _LOSS_CHECK_GROWTH * self._smoothout_loss_checked:
+            return
+        if bool(torch.isfinite(loss.detach()).all()):
+            self._smoothout_loss_checked = max(self._smoothout_loss_checked, strength)
+            return
+        with torch.no_grad():
+            clean = self.compute_loss(model, self._prepare_inputs(inputs))
+        if bool(torch.isfinite(clean.detach()).all()):
+            raise NonFiniteNoiseError(
+                f"SmoothOut: the loss at the noisy weights is {loss.item()} while the clean loss is {clean.item():.4g} "
+                f"(strength {strength:g}, adapt={self.smoothout_config.adapt!r}): the noise is far too strong for this "
+                "model. Lower smoothout strength (typical: 1e-3 to 5e-2 with adapt='filter'). The weights are clean."
+            )
+        if not getattr(self, "_smoothout_told_diverged", False):
+            self._smoothout_told_diverged = True
+            logger.warning(
+                f"The loss is non-finite at the clean weights too (step {self.state.global_step}): training has "
+                "diverged, and the Trainer's logging_nan_inf_filter keeps it out of the logged loss. If it began "
+                "with SmoothOut, lower smoothout strength."
+            )
 
     def compute_loss(
         self,
@@ -185,24 +274,81 @@ class SmoothOutMixin:
         super()._save_rng_state(output_dir)
         if self.smoothout is not None:
             path = os.path.join(output_dir, STATE_FILE.format(rank=self.args.process_index))
-            torch.save(self.smoothout.state_dict(), path)
+            staging = f"{path}.tmp"
+            torch.save(self.smoothout.state_dict(), staging)
+            os.replace(staging, path)  # a crash leaves the old file or the new one, never half of one
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is None or not self.smoothout_config.enabled:
             return
-        path = os.path.join(checkpoint, STATE_FILE.format(rank=self.args.process_index))
+        rank, world = self.args.process_index, self.args.world_size
+        path = os.path.join(checkpoint, STATE_FILE.format(rank=rank))
+        rank0_path = os.path.join(checkpoint, STATE_FILE.format(rank=0))
+        if not os.path.isfile(path) and os.path.isfile(rank0_path):
+            # More ranks than when saving: every rank has made the same number of draws, and a rank's noise is a
+            # function of (seed, rank, stream, draw), so rank 0's position continues this rank's sequence exactly.
+            path = rank0_path
         if not os.path.isfile(path):
             logger.warning(
                 f"No SmoothOut noise state at {path}: resuming with a freshly seeded noise generator, so the "
                 "noise will differ from an uninterrupted run."
             )
             return
-        state = torch.load(path, weights_only=True)
+        state = read_state_file(path)
+        saved_world = state.get("world_size")
+        if isinstance(saved_world, int) and saved_world != world and rank == 0:
+            warnings.warn(
+                f"SmoothOut: the checkpoint was written by {saved_world} process(es) and is resumed by {world}. Each "
+                "rank continues its own noise sequence (noise depends on seed, rank and draw count)"
+                + (
+                    f"; the sequences of ranks {world}..{saved_world - 1} end here, so each step now averages "
+                    f"{world} noise sample(s) instead of {saved_world}."
+                    if world < saved_world and self.smoothout_config.independent_ranks
+                    else "; the new ranks start their own sequences at the saved draw count."
+                ),
+                UserWarning,
+                stacklevel=2,
+            )
         if self.smoothout is not None and self.smoothout.model is self.model:
-            self.smoothout.load_state_dict(state)
+            self._smoothout_load(self.smoothout, state, path)
         else:
+            check_state(state, path)
             self._smoothout_pending_state = state
+
+    def _smoothout_load(self, engine: SmoothOut, state: dict[str, Any], path: str) -> None:
+        try:
+            engine.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err} {_BAD_STATE_ADVICE}") from err
+
+
+_BAD_STATE_ADVICE = (
+    "Resume from an earlier checkpoint, or delete this file to resume with freshly seeded noise (the noise will "
+    "then differ from an uninterrupted run)."
+)
+
+
+def read_state_file(path: str) -> dict[str, Any]:
+    """Load a ``smoothout_state_<rank>.pth`` file, with an error that names the file when it is unreadable."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, EOF: all mean the same to the user
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise RuntimeError(
+            f"The SmoothOut noise state {path} is unreadable ({type(err).__name__}: {reason}); the checkpoint is "
+            f"corrupt or truncated. {_BAD_STATE_ADVICE}"
+        ) from err
+    check_state(state, path)
+    return state
+
+
+def check_state(state: Any, path: str) -> None:
+    """Raise ``ValueError`` naming ``path`` when ``state`` is not a valid SmoothOut noise state."""
+    try:
+        validate_state(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err} {_BAD_STATE_ADVICE}") from err
 
 
 class SmoothOutTrainer(SmoothOutMixin, Trainer):

@@ -86,7 +86,7 @@ class DataArguments(RunOptions):
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
     train_split: str = field(default="train", metadata={"help": "Training split of the Hub dataset."})
     eval_split: str | None = field(
-        default=None, metadata={"help": "Evaluation split (default: validation, else test, else 10% of train)."}
+        default=None, metadata={"help": "Evaluation split (default: validation, else test, else a tenth of train)."}
     )
     train_dir: str | None = field(default=None, metadata={"help": "Image folder for training (class subfolders)."})
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder for evaluation."})

@@ -44,7 +44,7 @@ def test_name_selection_rules():
 
 def test_single_pattern_string_is_accepted_and_to_dict_is_plain():
     cfg = SmoothOutConfig(exclude="classifier")
-    assert cfg.exclude == ["classifier"]
+    assert cfg.exclude == ("classifier",)
     data = cfg.to_dict()
     assert "_compiled" not in data and data["exclude"] == ["classifier"]
     assert SmoothOutConfig(**data) == cfg

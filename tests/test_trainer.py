@@ -349,11 +349,14 @@ def test_optimizer_train_mode_switch_happens_before_perturbing(tmp_path):
 def test_bf16_autocast_runs_and_warns_below_resolution(tmp_path):
     data = make_classification_data()
     model = model_with_seed()
-    trainer = SmoothOutTrainer(
-        model, training_args(tmp_path, bf16=True), train_dataset=data, smoothout_config=SmoothOutConfig(strength=1e-4)
-    )
-    with pytest.warns(UserWarning, match="resolution"):
-        trainer.train()
+    with pytest.warns(UserWarning, match="resolution"):  # at construction, before any work
+        trainer = SmoothOutTrainer(
+            model,
+            training_args(tmp_path, bf16=True),
+            train_dataset=data,
+            smoothout_config=SmoothOutConfig(strength=1e-4),
+        )
+    trainer.train()
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 
     import warnings
