@@ -37,27 +37,44 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-from transformers import EvalPrediction, HfArgumentParser
+from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fmnist_common, also when imported from elsewhere
+
+import fmnist_common
+from fmnist_common import (
+    INTERPOLATION_ALPHAS,
+    KeskarMLP,
+    TensorExamples,
+    accuracy,
+    append_run,
+    interpolate_models,
+    load_keskar,
+    mean_std,
+    measure_sharpness_of,
+    read_idx_split,
+    read_runs,
+    sharpness_batches,
+    stratified_split,
+)
 
 from hf_smoothout import SmoothOutConfig, SmoothOutTrainer, SmoothOutTrainingArguments
-from hf_smoothout.analysis import (
-    epsilon_sharpness,
-    hessian_top_eigenvalue,
-    interpolation_landscape,
-    save_landscape,
-)
 from hf_smoothout.modelcard import markdown_table, write_model_card, write_run_info, write_study_rows
 
+__all__ = [  # re-exported from fmnist_common: this study's public names are unchanged
+    "INTERPOLATION_ALPHAS",
+    "KeskarMLP",
+    "TensorExamples",
+    "accuracy",
+    "read_idx_split",
+    "read_runs",
+    "stratified_split",
+]
+
 METHODS = {"baseline": "none", "smoothout": "none", "adasmoothout": "filter"}
-# alpha in [0, 1] only: beyond it the batch-norm running variances extrapolate to negative values and the
-# loss is undefined.
-INTERPOLATION_ALPHAS = [i / 20 for i in range(21)]
 
 
 @dataclass
@@ -94,97 +111,11 @@ class StudyArguments:
     fashion_mnist_dir: str | None = field(default=None, metadata={"help": "Folder of the Fashion-MNIST IDX files."})
 
 
-class KeskarMLP(nn.Module):
-    """784 -> depth x (Linear, BatchNorm, ReLU) -> 10."""
-
-    def __init__(self, hidden: int = 512, depth: int = 5) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = 28 * 28
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
-            width = hidden
-        self.body = nn.Sequential(*layers)
-        self.classifier = nn.Linear(width, 10)
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        logits = self.classifier(self.body(pixel_values.flatten(1)))
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = nn.functional.cross_entropy(logits, labels)
-        return out
-
-
-class TensorExamples(torch.utils.data.Dataset):
-    """Examples held as two tensors; items are ``{"pixel_values", "labels"}`` dicts."""
-
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor) -> None:
-        self.pixels, self.labels = pixels, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
-
-    def subset(self, count: int | None, seed: int = 0) -> TensorExamples:
-        if count is None or count >= len(self):
-            return self
-        index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
-        return TensorExamples(self.pixels[index], self.labels[index])
-
-
-def stratified_split(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, holdout) with ``holdout`` examples spread evenly over classes."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    held: list[np.ndarray] = []
-    for c in classes:
-        members = rng.permutation(np.flatnonzero(labels == c))
-        held.append(members[: round(holdout * len(members) / len(labels))])
-    held_index = np.sort(np.concatenate(held))
-    mask = np.ones(len(labels), dtype=bool)
-    mask[held_index] = False
-    return np.flatnonzero(mask), held_index
-
-
-def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``[n, 28, 28]`` (uint8) and labels ``[n]`` of an IDX split (``train`` / ``test``)."""
-    from recipe_kit.image_data import read_idx
-    from recipe_kit.offline import IDX_FILES, idx_file
-
-    images, labels = (idx_file(folder, stem) for stem in IDX_FILES[split])
-    return read_idx(images), read_idx(labels)
-
-
 def load_data(study: StudyArguments) -> dict[str, TensorExamples]:
     """Fashion-MNIST train / validation (carved from train) / test, pixels in [0, 1], normalized."""
-    from recipe_kit.offline import fashion_mnist_dir
-
-    folder = fashion_mnist_dir(study.fashion_mnist_dir)
-    train_x, train_y = read_idx_split(folder, "train")
-    test_x, test_y = read_idx_split(folder, "test")
-    if study.max_train_samples is not None:
-        keep, _ = stratified_split(train_y, len(train_y) - study.max_train_samples, seed=7)
-        train_x, train_y = train_x[keep], train_y[keep]
-    validation = min(study.validation_size, len(train_y) // 10)
-    train_index, val_index = stratified_split(train_y, validation, seed=1234)
-    mean, std = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
-
-    def tensors(x: np.ndarray, y: np.ndarray) -> TensorExamples:
-        pixels = (torch.from_numpy(x.astype(np.float32)).reshape(len(x), -1) / 255.0 - mean) / std
-        return TensorExamples(pixels, torch.from_numpy(y.astype(np.int64)))
-
-    test = tensors(test_x, test_y).subset(study.max_test_samples)
-    return {
-        "train": tensors(train_x[train_index], train_y[train_index]),
-        "validation": tensors(train_x[val_index], train_y[val_index]),
-        "test": test,
-    }
-
-
-def accuracy(pred: EvalPrediction) -> dict[str, float]:
-    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+    return fmnist_common.load_data(
+        study.fashion_mnist_dir, study.validation_size, study.max_train_samples, study.max_test_samples
+    )
 
 
 def scaled_lr(study: StudyArguments, batch: int) -> float:
@@ -195,17 +126,6 @@ def scaled_lr(study: StudyArguments, batch: int) -> float:
 
 def run_key(phase: str, batch: int, method: str, strength: float, seed: int) -> str:
     return f"{phase}-b{batch}-{method}-a{strength:g}-s{seed}"
-
-
-def read_runs(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.is_file():
-        return {}
-    runs = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            runs[record["key"]] = record
-    return runs
 
 
 def train_one(
@@ -280,27 +200,15 @@ def train_one(
     return record, model
 
 
-def sharpness_loader(study: StudyArguments, train: TensorExamples) -> list[dict[str, torch.Tensor]]:
-    subset = train.subset(study.sharpness_samples, seed=11)
-    loader = torch.utils.data.DataLoader(subset, batch_size=500, shuffle=False)
-    return list(loader)
-
-
 def measure(study: StudyArguments, model: nn.Module, train: TensorExamples) -> dict[str, float]:
-    batches = sharpness_loader(study, train)
-    eps = epsilon_sharpness(
+    return measure_sharpness_of(
         model,
-        batches,
+        sharpness_batches(train, study.sharpness_samples),
         epsilon=study.sharpness_epsilon,
-        max_iterations=study.sharpness_iterations,
+        iterations=study.sharpness_iterations,
         repeats=study.sharpness_repeats,
-        max_batches=None,
-        progress=False,
+        hessian_iterations=study.hessian_iterations,
     )
-    top = hessian_top_eigenvalue(
-        model, batches, max_iterations=study.hessian_iterations, max_batches=None, progress=False
-    )
-    return {"epsilon_sharpness": eps.value, "epsilon_sharpness_std": eps.std, "hessian_top": top.value}
 
 
 def best_strengths(study: StudyArguments, runs: dict[str, dict[str, Any]]) -> dict[tuple[int, str], float]:
@@ -345,23 +253,13 @@ def run_stage(study: StudyArguments, stage: str, data: dict[str, TensorExamples]
         if key in runs:
             continue
         record, _ = train_one(study, data, phase, batch, method, strength, seed)
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_run(path, record)
         runs[key] = record
         print(json.dumps(record), flush=True)
 
 
-def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
-
-
 def load_model(study: StudyArguments, key: str) -> nn.Module:
-    model = KeskarMLP(study.hidden, study.depth)
-    model.load_state_dict(load_file(str(Path(study.output_dir) / "models" / f"{key}.safetensors")))
-    return model.eval()
+    return load_keskar(Path(study.output_dir) / "models" / f"{key}.safetensors", study.hidden, study.depth)
 
 
 def report(study: StudyArguments, data: dict[str, TensorExamples]) -> str:
@@ -546,10 +444,6 @@ def interpolation_plots(study, data, runs, best) -> list[str]:
         if (study.large_batch, method) in best:
             key = run_key("final", study.large_batch, method, best[(study.large_batch, method)], seed)
             pairs.append((f"large_baseline_vs_{method}", large, key))
-    loaders = {
-        "train": torch.utils.data.DataLoader(data["train"].subset(2000, seed=5), batch_size=1000),
-        "validation": torch.utils.data.DataLoader(data["test"].subset(2000, seed=5), batch_size=1000),
-    }
     lines = [
         "",
         "1-D interpolation plots (alpha in [0, 1], 0 = first model, 1 = second; weights and batch-norm statistics "
@@ -559,16 +453,8 @@ def interpolation_plots(study, data, runs, best) -> list[str]:
     for name, key_a, key_b in pairs:
         if key_a not in runs or key_b not in runs:
             continue
-        result = interpolation_landscape(
-            load_model(study, key_a),
-            load_model(study, key_b),
-            loaders,
-            alphas=INTERPOLATION_ALPHAS,
-            max_batches=None,
-            progress=False,
-        )
         folder = Path(study.output_dir) / "plots" / name
-        paths = save_landscape(result, folder)
+        paths = interpolate_models(load_model(study, key_a), load_model(study, key_b), data, folder)
         lines.append(f"- `{name}`: {key_a} -> {key_b}: `{paths['png'].relative_to(study.output_dir)}`")
     return lines
 

@@ -1,0 +1,315 @@
+"""Pieces shared by the Fashion-MNIST studies (``fmnist_large_batch.py``, ``fmnist_ghost_batch.py``).
+
+* :class:`KeskarMLP` -- the fully connected net with batch norm the studies train.
+* :func:`load_data` -- train / validation (stratified, carved from train) / test (official ``t10k``).
+* :func:`read_runs`, :func:`append_run` -- the ``runs.jsonl`` ledger that makes the studies resumable; a
+  partially written last line (a run killed while writing) is ignored and cut off before the next append.
+* :func:`measure_sharpness_of`, :func:`sharpness_batches` -- epsilon-sharpness and top Hessian eigenvalue.
+* :func:`interpolate_models` -- the 1-D interpolation plot between two trained models.
+
+The studies put this folder on ``sys.path`` and ``import fmnist_common``.
+
+Example:
+    >>> import torch
+    >>> model = KeskarMLP(hidden=8, depth=1)
+    >>> model(torch.zeros(2, 784))["logits"].shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import EvalPrediction
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+
+from hf_smoothout.analysis import epsilon_sharpness, hessian_top_eigenvalue, interpolation_landscape, save_landscape
+
+# alpha in [0, 1] only: beyond it the batch-norm running variances extrapolate to negative values and the
+# loss is undefined.
+INTERPOLATION_ALPHAS = [i / 20 for i in range(21)]
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # training-set pixel statistics
+
+
+class KeskarMLP(nn.Module):
+    """784 -> depth x (Linear, BatchNorm, ReLU) -> 10.
+
+    Example:
+        >>> sum(p.numel() for p in KeskarMLP(512, 5).parameters())
+        1462794
+    """
+
+    def __init__(self, hidden: int = 512, depth: int = 5) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 28 * 28
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, 10)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.classifier(self.body(pixel_values.flatten(1)))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class TensorExamples(torch.utils.data.Dataset):
+    """Examples held as two tensors; items are ``{"pixel_values", "labels"}`` dicts.
+
+    Example:
+        >>> data = TensorExamples(torch.zeros(5, 784), torch.arange(5))
+        >>> len(data.subset(2)), sorted(data[0])
+        (2, ['labels', 'pixel_values'])
+    """
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor) -> None:
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+    def subset(self, count: int | None, seed: int = 0) -> TensorExamples:
+        """``count`` examples drawn without replacement (seeded); all of them if ``count`` is None or too big."""
+        if count is None or count >= len(self):
+            return self
+        index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
+        return TensorExamples(self.pixels[index], self.labels[index])
+
+
+def stratified_split(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, holdout) with ``holdout`` examples spread evenly over classes.
+
+    Example:
+        >>> train, held = stratified_split(np.array([0, 0, 1, 1]), 2, seed=0)
+        >>> len(train), len(held)
+        (2, 2)
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    held: list[np.ndarray] = []
+    for c in classes:
+        members = rng.permutation(np.flatnonzero(labels == c))
+        held.append(members[: round(holdout * len(members) / len(labels))])
+    held_index = np.sort(np.concatenate(held))
+    mask = np.ones(len(labels), dtype=bool)
+    mask[held_index] = False
+    return np.flatnonzero(mask), held_index
+
+
+def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[n, 28, 28]`` (uint8) and labels ``[n]`` of an IDX split (``train`` / ``test``)."""
+    from recipe_kit.image_data import read_idx
+    from recipe_kit.offline import IDX_FILES, idx_file
+
+    images, labels = (idx_file(folder, stem) for stem in IDX_FILES[split])
+    return read_idx(images), read_idx(labels)
+
+
+def load_data(
+    fashion_mnist_dir: str | None = None,
+    validation_size: int = 5000,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+) -> dict[str, TensorExamples]:
+    """Fashion-MNIST train / validation (carved from train) / test, pixels in [0, 1], normalized.
+
+    The validation split is stratified and seeded (seed 1234), at most a tenth of the training examples;
+    the test split is the official ``t10k`` (optionally capped by a seeded subset).
+
+    Example:
+        >>> data = load_data(max_train_samples=600, max_test_samples=100)  # doctest: +SKIP
+        >>> len(data["train"]), len(data["validation"]), len(data["test"])  # doctest: +SKIP
+        (540, 60, 100)
+    """
+    from recipe_kit.offline import fashion_mnist_dir as find_fashion_mnist
+
+    folder = find_fashion_mnist(fashion_mnist_dir)
+    train_x, train_y = read_idx_split(folder, "train")
+    test_x, test_y = read_idx_split(folder, "test")
+    if max_train_samples is not None:
+        keep, _ = stratified_split(train_y, len(train_y) - max_train_samples, seed=7)
+        train_x, train_y = train_x[keep], train_y[keep]
+    validation = min(validation_size, len(train_y) // 10)
+    train_index, val_index = stratified_split(train_y, validation, seed=1234)
+
+    def tensors(x: np.ndarray, y: np.ndarray) -> TensorExamples:
+        pixels = (torch.from_numpy(x.astype(np.float32)).reshape(len(x), -1) / 255.0 - FASHION_MNIST_MEAN) / (
+            FASHION_MNIST_STD
+        )
+        return TensorExamples(pixels, torch.from_numpy(y.astype(np.int64)))
+
+    test = tensors(test_x, test_y).subset(max_test_samples)
+    return {
+        "train": tensors(train_x[train_index], train_y[train_index]),
+        "validation": tensors(train_x[val_index], train_y[val_index]),
+        "test": test,
+    }
+
+
+def accuracy(pred: EvalPrediction) -> dict[str, float]:
+    """``compute_metrics`` of the Trainer: top-1 accuracy."""
+    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, data: TensorExamples, batch_size: int = 2048) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` in eval mode; the model's train/eval mode is restored.
+
+    Example:
+        >>> model = KeskarMLP(hidden=8, depth=1)
+        >>> 0.0 <= evaluate_accuracy(model, TensorExamples(torch.zeros(4, 784), torch.zeros(4, dtype=torch.long)))
+        True
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    try:
+        for start in range(0, len(data), batch_size):
+            pixels = data.pixels[start : start + batch_size].to(device)
+            labels = data.labels[start : start + batch_size].to(device)
+            correct += int((model(pixels)["logits"].argmax(-1) == labels).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(len(data), 1)
+
+
+def read_runs(path: Path) -> dict[str, dict[str, Any]]:
+    """Records of ``runs.jsonl`` by key; a line that does not parse (a write cut off by a kill) is ignored.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "runs.jsonl"
+        >>> _ = path.write_text('{"key": "a"}\\n{"key": "b", "trunc')
+        >>> list(read_runs(path))
+        ['a']
+    """
+    if not path.is_file():
+        return {}
+    runs = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"Ignoring an unreadable line of {path} (cut off while writing): {line[:80]!r}", file=sys.stderr)
+            continue
+        if isinstance(record, dict) and "key" in record:
+            runs[record["key"]] = record
+    return runs
+
+
+def append_run(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line, durably (flush + fsync).
+
+    A partial last line (no trailing newline: the process was killed mid-write) is cut off first, so the
+    new record never fuses with it.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "runs.jsonl"
+        >>> _ = path.write_text('{"key": "a"}\\n{"key": "b", "trunc')
+        >>> append_run(path, {"key": "c"})
+        >>> list(read_runs(path))
+        ['a', 'c']
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size > 0:
+        content = path.read_bytes()
+        if not content.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(content.rfind(b"\n") + 1)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``"mean ± std"`` (sample std; 0 for one value; ``-`` for none).
+
+    Example:
+        >>> mean_std([0.9, 0.92], scale=100)
+        '91.00 ± 1.41'
+    """
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def load_keskar(path: Path, hidden: int, depth: int) -> KeskarMLP:
+    """A :class:`KeskarMLP` with the weights of a ``.safetensors`` file, in eval mode."""
+    model = KeskarMLP(hidden, depth)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def sharpness_batches(train: TensorExamples, samples: int, batch_size: int = 500) -> list[dict[str, torch.Tensor]]:
+    """The fixed training subset (seed 11) the sharpness measures use, as a list of batches."""
+    subset = train.subset(samples, seed=11)
+    return list(torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False))
+
+
+def measure_sharpness_of(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    epsilon: float,
+    iterations: int,
+    repeats: int,
+    hessian_iterations: int,
+    subspace_dim: int | None = None,
+) -> dict[str, float]:
+    """Keskar epsilon-sharpness (full space; and in a random ``subspace_dim``-D subspace if given) and the top
+    Hessian eigenvalue of ``model`` on ``batches``.
+
+    Keys: ``epsilon_sharpness``, ``epsilon_sharpness_std``, ``hessian_top`` and, with a subspace,
+    ``epsilon_subspace``, ``epsilon_subspace_std``.
+    """
+    common = {"epsilon": epsilon, "max_iterations": iterations, "repeats": repeats, "max_batches": None}
+    eps = epsilon_sharpness(model, batches, progress=False, **common)
+    top = hessian_top_eigenvalue(model, batches, max_iterations=hessian_iterations, max_batches=None, progress=False)
+    out = {"epsilon_sharpness": eps.value, "epsilon_sharpness_std": eps.std, "hessian_top": top.value}
+    if subspace_dim is not None:
+        sub = epsilon_sharpness(model, batches, subspace_dim=subspace_dim, progress=False, **common)
+        out.update(epsilon_subspace=sub.value, epsilon_subspace_std=sub.std)
+    return out
+
+
+def interpolate_models(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: dict[str, TensorExamples],
+    folder: Path,
+    *,
+    second_split: str = "validation",
+) -> dict[str, Path]:
+    """1-D interpolation ``alpha * B + (1 - alpha) * A`` on 2,000 training and 2,000 test examples; files in
+    ``folder`` (``landscape_interpolation.png`` / ``.csv`` / ``.json``). ``second_split`` names the test curve."""
+    loaders = {
+        "train": torch.utils.data.DataLoader(data["train"].subset(2000, seed=5), batch_size=1000),
+        second_split: torch.utils.data.DataLoader(data["test"].subset(2000, seed=5), batch_size=1000),
+    }
+    result = interpolation_landscape(
+        model_a, model_b, loaders, alphas=INTERPOLATION_ALPHAS, max_batches=None, progress=False
+    )
+    return save_landscape(result, folder)
