@@ -83,6 +83,15 @@ class SmoothOutTrainingArguments(TrainingArguments):
         metadata={"help": "Each distributed rank draws different noise (seed offset by rank)."},
     )
 
+    smoothout_noise_every: Literal["micro_batch", "step"] = field(
+        default="micro_batch",
+        metadata={
+            "help": "micro_batch: fresh noise for every micro-batch of an accumulation window (the paper). step: one "
+            "draw held over the window, removed before clipping and the optimizer step (cheaper with large "
+            "gradient accumulation)."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.to_smoothout_config()  # validate early, with the config's own messages

@@ -19,11 +19,13 @@ ADAPT_MODES = ("filter", "none", "weight")
 DISTRIBUTIONS = ("uniform", "gaussian")
 SCHEDULES = ("constant", "anneal", "tanh")
 RESTORE_MODES = ("copy", "regenerate")
+NOISE_EVERY = ("micro_batch", "step")
 
 Adapt = Literal["filter", "none", "weight"]
 Distribution = Literal["uniform", "gaussian"]
 Schedule = Literal["constant", "anneal", "tanh"]
 Restore = Literal["copy", "regenerate"]
+NoiseEvery = Literal["micro_batch", "step"]
 
 
 _SEED_LIMIT = 2**64
@@ -102,6 +104,11 @@ class SmoothOutConfig:
             torch's initial seed (the Trainer passes ``TrainingArguments.seed``).
         independent_ranks: each distributed rank draws different noise (seed offset by rank),
             so data-parallel training averages ``world_size`` noise samples per step.
+        noise_every: when the Trainer draws fresh noise: ``"micro_batch"`` (the paper and the authors'
+            script: every micro-batch of a gradient-accumulation window, i.e. every ghost chunk, gets its
+            own draw) or ``"step"`` (one draw held for the whole window and removed before clipping and
+            the optimizer step: 1/accumulation of the noise cost). Read by `SmoothOutTrainer`; a plain
+            loop decides this itself by where it calls ``perturb``/``restore``.
 
     Example:
         >>> SmoothOutConfig(strength=0.005, adapt="none", samples=2).to_dict()["samples"]
@@ -126,6 +133,7 @@ class SmoothOutConfig:
     exclude: tuple[str, ...] | None = None
     seed: int | None = None
     independent_ranks: bool = True
+    noise_every: NoiseEvery = "micro_batch"
     _compiled: dict[str, tuple[re.Pattern[str], ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -146,6 +154,7 @@ class SmoothOutConfig:
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("restore", self.restore, RESTORE_MODES)
+        _check_choice("noise_every", self.noise_every, NOISE_EVERY)
         for name in ("anneal_index", "tanh_scale"):
             value = _number(name, getattr(self, name))
             if not (math.isfinite(value) and value > 0.0):
@@ -156,6 +165,11 @@ class SmoothOutConfig:
         if isinstance(self.samples, bool) or not isinstance(self.samples, numbers.Integral) or self.samples < 1:
             raise ValueError(f"SmoothOutConfig.samples={self.samples!r} is not valid; it must be an integer >= 1.")
         put("samples", int(self.samples))
+        if self.noise_every == "step" and self.samples > 1:
+            raise ValueError(
+                "SmoothOutConfig.samples > 1 needs noise_every='micro_batch': several noisy copies per micro-batch "
+                "and one draw held for the whole accumulation window contradict each other."
+            )
         if not self.denoise and self.samples > 1:
             raise ValueError(
                 "SmoothOutConfig.samples > 1 needs denoise=True: without de-noising every extra sample would "

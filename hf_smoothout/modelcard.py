@@ -237,15 +237,21 @@ def format_setting(value: Any) -> str:
 
 
 def format_difference(new: Any, old: Any) -> str:
-    """``new - old`` with a sign, or an empty cell when either side is not a number."""
+    """``new - old`` with a sign and the same 4 decimals as the values beside it, or an empty cell.
+
+    Example:
+        >>> format_difference(0.8506208, 0.85), format_difference(0.84, 0.85), format_difference("a", 1.0)
+        ('+0.0006', '-0.0100', '')
+    """
     numeric = (int, float)
     if isinstance(new, bool) or isinstance(old, bool) or not isinstance(new, numeric) or not isinstance(old, numeric):
         return ""
     diff = float(new) - float(old)
     if math.isnan(diff):
         return ""
-    text = format_value(diff)
-    return text if text.startswith("-") else f"+{text}"
+    if isinstance(new, int) and isinstance(old, int):
+        return f"{int(diff):+,}"
+    return f"{diff:+.4f}" if abs(diff) < 1e5 else f"{diff:+.4g}"
 
 
 def markdown_table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:

@@ -172,6 +172,8 @@ class SmoothOutMixin:
         """Forward + backward at ``samples`` fresh noisy copies of the weights; weights clean on return."""
         if not self.smoothout_config.enabled:
             return super().training_step(model, inputs, num_items_in_batch)
+        if self.smoothout_config.noise_every == "step":
+            return self._smoothout_window_step(model, inputs, num_items_in_batch)
         engine = self.smoothout_engine()
         optimizer_train = getattr(self.optimizer, "train", None)
         if callable(optimizer_train):
@@ -198,6 +200,41 @@ class SmoothOutMixin:
             total_loss = loss if total_loss is None else total_loss + loss
         assert total_loss is not None
         return total_loss
+
+    def _smoothout_window_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """``noise_every="step"``: perturb at the window's first micro-batch, restore after its last one.
+
+        Between the micro-batches of one window nothing but the forward and backward passes runs (the
+        Trainer clips, steps, logs, saves and evaluates only after the last one), so the weights stay noisy
+        there; they are restored after the last micro-batch, on any error, and when ``train`` ends.
+        """
+        engine = self.smoothout_engine()
+        if not engine.is_perturbed:
+            optimizer_train = getattr(self.optimizer, "train", None)
+            if callable(optimizer_train):
+                optimizer_train()  # schedule-free optimizers rewrite the weights: only while they are clean
+        last = bool(self.accelerator.sync_gradients)
+        restore = True
+        try:
+            if not engine.is_perturbed:
+                engine.perturb(self.state.global_step, self.state.max_steps)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            restore = last
+        finally:
+            if restore:
+                engine.restore()
+        self._smoothout_check_loss(model, inputs, loss, engine.current_strength)
+        return loss
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, and clean weights when it ends, also by an error between two micro-batches."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.smoothout is not None and self.smoothout.is_perturbed:
+                self.smoothout.restore()
 
     def _smoothout_check_loss(
         self, model: nn.Module, inputs: dict[str, Any], loss: torch.Tensor, strength: float

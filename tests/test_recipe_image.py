@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_recipe_help
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
@@ -253,12 +254,29 @@ def test_seed_is_honoured(idx_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------- errors
-def test_missing_fashion_mnist_names_the_apt_command(tmp_path, monkeypatch):
+def test_missing_fashion_mnist_names_the_apt_command_and_the_install_script(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_SMOOTHOUT_FASHION_MNIST_DIR", str(tmp_path / "empty"))
     out = tmp_path / "out"
-    with pytest.raises(RecipeError, match="apt-get install -y dataset-fashion-mnist"):
+    with pytest.raises(RecipeError, match="apt-get install -y dataset-fashion-mnist") as error:
         vision.main(args_for(out, "--source", "offline"))
+    assert "bash scripts/install_offline_data.sh vision" in str(error.value)
     assert not out.exists()
+
+
+def test_small_images_get_a_large_default_eval_batch(idx_dir, tmp_path, capsys):
+    argv = args_for(tmp_path / "out", "--idx_dir", str(idx_dir), "--max_steps", "1")
+    index = argv.index("--per_device_eval_batch_size")
+    del argv[index : index + 2]
+    vision.main(argv)
+    assert "evaluation batch 1024 per device for 12x12 images" in capsys.readouterr().out
+    vision.main([*argv, "--output_dir", str(tmp_path / "explicit"), "--per_device_eval_batch_size", "16"])
+    assert "evaluation batch" not in capsys.readouterr().out  # an explicit value is kept
+
+
+def test_help_opens_with_a_description_and_ends_with_examples(capsys):
+    assert_recipe_help(
+        vision.main, "Train or fine-tune an image classifier with SmoothOut", "--lr_scaling sqrt", capsys
+    )
 
 
 def bad_cases(idx_dir: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]:

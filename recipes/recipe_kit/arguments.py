@@ -9,9 +9,10 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import RecipeError
 
@@ -79,3 +80,60 @@ class RunOptions:
                     f"--compare_to {self.compare_to}: no all_results.json there; pass the output_dir of a finished "
                     "run (e.g. the same command with --smoothout_strength 0)."
                 )
+
+
+class RecipeHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help; description and examples kept as written."""
+
+
+def recipe_parser(dataclass_types: tuple[type, ...], doc: str) -> Any:
+    """An ``HfArgumentParser`` whose ``--help`` opens with ``doc``'s text and ends with its ``Usage:`` examples.
+
+    Example:
+        >>> doc = "Train a thing.\n\nMore words.\n\nUsage:\n    python thing.py --output_dir out\n"
+        >>> parser = recipe_parser((RunOptions,), doc)
+        >>> parser.description.splitlines()[0], parser.epilog.splitlines()[0]
+        ('Train a thing.', 'examples:')
+    """
+    from transformers import HfArgumentParser
+
+    text, _, usage = doc.partition("Usage:")
+    epilog = "examples:\n" + usage.rstrip() if usage.strip() else None
+    return HfArgumentParser(
+        dataclass_types,
+        usage="%(prog)s --output_dir DIR [options]   (every option is listed below)",
+        description=text.strip(),
+        epilog=epilog,
+        formatter_class=RecipeHelpFormatter,
+    )
+
+
+def given_on_command_line(argv: list[str] | None, name: str) -> bool:
+    """Whether ``--name`` (or ``--name-with-dashes``) appears in ``argv`` (default: ``sys.argv[1:]``).
+
+    Example:
+        >>> given_on_command_line(["--per-device-eval-batch-size=64"], "per_device_eval_batch_size")
+        True
+    """
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(arg.split("=", 1)[0] in spellings for arg in args)
+
+
+SMALL_IMAGE_PIXELS = 64 * 64
+SMALL_IMAGE_EVAL_BATCH = 1024
+
+
+def default_eval_batch_size(image_size: tuple[int, int] | None, train_batch_size: int) -> int:
+    """Per-device evaluation batch when none is given: 1024 for images up to 64x64 pixels (evaluation keeps no
+    activations for a backward pass, and small images are cheap), else twice the training batch.
+
+    Example:
+        >>> default_eval_batch_size((28, 28), 32), default_eval_batch_size((224, 224), 32)
+        (1024, 64)
+    """
+    if image_size is not None and image_size[0] * image_size[1] <= SMALL_IMAGE_PIXELS:
+        return SMALL_IMAGE_EVAL_BATCH
+    return max(8, 2 * train_batch_size)

