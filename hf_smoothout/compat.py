@@ -42,16 +42,11 @@ def check_trainer_setup(trainer: Any) -> None:
             "pass, inside training_step, so removing the noise afterwards would undo or corrupt the update. "
             "Use a regular optimizer (e.g. adamw_torch, sgd, or the non-layerwise GaLore/APOLLO variant)."
         )
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        raise ValueError(
-            "SmoothOut does not support DeepSpeed yet: DeepSpeed's engine steps the optimizer inside "
-            "accelerator.backward, i.e. inside training_step, and ZeRO-3 shards rows across ranks, so the noise "
-            "cannot be removed safely. Train with DDP (plain `accelerate launch`/`torchrun`) instead."
-        )
     if getattr(trainer, "is_fsdp_enabled", False):
         raise ValueError(
             "SmoothOut does not support FSDP through the Trainer yet: FSDP flattens and shards parameters, so "
-            "per-row noise scaling and the restore would act on partial rows. Train with DDP instead."
+            "per-row noise scaling and the restore would act on partial rows. Train with DDP or DeepSpeed ZeRO-2 "
+            "instead."
         )
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
+from .adapters.deepspeed import check_deepspeed, restore_before_step
 from .arguments import SmoothOutTrainingArguments
 from .compat import check_trainer_setup, warn_if_below_resolution
 from .config import SmoothOutConfig
@@ -114,6 +115,8 @@ class SmoothOutMixin:
         self.smoothout_config = resolve_smoothout_config(self.args, smoothout_config)
         if self.smoothout_config.enabled:
             check_trainer_setup(self)
+            if getattr(self, "is_deepspeed_enabled", False):
+                check_deepspeed(self, self.smoothout_config.samples)
             check_restore_mode(self.smoothout_config, self.args.world_size)
             check_selection(self.model, self.smoothout_config)
         self.smoothout: SmoothOut | None = None
@@ -143,7 +146,15 @@ class SmoothOutMixin:
                 engine.load_state_dict(self._smoothout_pending_state)
                 self._smoothout_pending_state = None
             self.smoothout = engine
+        if getattr(self, "is_deepspeed_enabled", False):
+            wrapper = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+            if wrapper is not None:  # exists once accelerate has prepared the model (inside train)
+                restore_before_step(wrapper.engine, self._smoothout_restore)
         return self.smoothout
+
+    def _smoothout_restore(self) -> None:
+        if self.smoothout is not None:
+            self.smoothout.restore()
 
     def _smoothout_compute_dtype(self) -> torch.dtype | None:
         """The autocast dtype the forward really runs in (accelerate ignores fp16 on CPU), else ``None``."""

@@ -7,8 +7,6 @@ whether all parameters are bit-identical across ranks after training.
 
 from __future__ import annotations
 
-import gc
-import json
 import os
 import sys
 
@@ -18,6 +16,7 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import TinyClassifier, make_classification_data
+from replica_checks import replica_facts, write_result_and_shut_down
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
 
@@ -41,29 +40,17 @@ def main() -> None:
     trainer = SmoothOutTrainer(model, args, train_dataset=make_classification_data(n=256))
     trainer.train()
 
-    world = dist.get_world_size()
-    noise = (first_noisy[0] - clean_start).flatten()
-    noises = [torch.empty_like(noise) for _ in range(world)]
-    dist.all_gather(noises, noise)
-    params = flat_params(model)
-    all_params = [torch.empty_like(params) for _ in range(world)]
-    dist.all_gather(all_params, params)
-    if dist.get_rank() == 0:
-        result = {
-            "world_size": world,
-            "args_world_size": args.world_size,
-            "noise_differs_across_ranks": not torch.equal(noises[0], noises[1]),
-            "params_identical_across_ranks": all(torch.equal(all_params[0], p) for p in all_params[1:]),
-            "params_changed": not torch.equal(model.fc1.weight.detach(), clean_start),
-            "steps": trainer.state.global_step,
-            "logged_strength": [h.get("smoothout_strength") for h in trainer.state.log_history if "loss" in h],
-        }
-        with open(os.path.join(args.output_dir, "ddp_result.json"), "w") as f:
-            json.dump(result, f)
+    facts = replica_facts((first_noisy[0] - clean_start).flatten(), flat_params(model))
+    result = {
+        "world_size": dist.get_world_size(),
+        "args_world_size": args.world_size,
+        **facts,
+        "params_changed": not torch.equal(model.fc1.weight.detach(), clean_start),
+        "steps": trainer.state.global_step,
+        "logged_strength": [h.get("smoothout_strength") for h in trainer.state.log_history if "loss" in h],
+    }
     del trainer, model
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    write_result_and_shut_down(os.path.join(args.output_dir, "ddp_result.json"), result)
 
 
 if __name__ == "__main__":
