@@ -44,9 +44,10 @@ def check_trainer_setup(trainer: Any) -> None:
         )
     if getattr(trainer, "is_fsdp_enabled", False):
         raise ValueError(
-            "SmoothOut does not support FSDP through the Trainer yet: FSDP flattens and shards parameters, so "
-            "per-row noise scaling and the restore would act on partial rows. Train with DDP or DeepSpeed ZeRO-2 "
-            "instead."
+            "SmoothOut does not support FSDP through accelerate's FSDP plugin yet: FSDP1 flattens parameters, so "
+            "rows are split anywhere, and the plugin's FSDP2 path is not verified. Supported: FSDP2 as transformers "
+            "loads it (from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N)) under torchrun), "
+            "DeepSpeed ZeRO-2, or DDP."
         )
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters.dtensor import is_dtensor, local_tensor, rows_are_local
 from .config import SmoothOutConfig
 from .noise import add_noise_, draw_, filter_scales_, remove_noise_, row_norm_buffers, typical_relative_noise
 from .ownership import claim, release
@@ -232,13 +233,16 @@ class SmoothOut:
         self.model = model
         self.config = config
         self._selected: list[SelectedParameter] = select_parameters(model, config)
-        sharded = [s.name for s in self._selected if _is_dtensor(s.param)]
-        if sharded:
+        sharded = [s for s in self._selected if is_dtensor(s.param)]
+        split = [s.name for s in sharded if not rows_are_local(s.param, s.row_axis)]
+        if split and config.enabled and config.adapt == "filter":
             raise ValueError(
-                f"SmoothOut does not support sharded (DTensor) parameters yet, e.g. {sharded[0]!r} (FSDP2 or tensor "
-                "parallelism): per-row noise scaling and the restore need whole local tensors. Train with DDP, or "
-                "exclude those parameters with config.exclude."
+                f"SmoothOut's per-row scaling (adapt='filter') needs whole rows on every rank, but {split[0]!r} is "
+                "sharded across its rows (e.g. GPT-2's Conv1D, stored [in, out], under FSDP2's Shard(0)); that is "
+                "not supported yet. Exclude those parameters with config.exclude, or use adapt='none' or 'weight' "
+                "(element-wise, any sharding)."
             )
+        self._sharded = bool(sharded)
         base_seed = config.seed if config.seed is not None else torch.initial_seed() % (2**63)
         self.base_seed = base_seed
         self.num_threads = num_threads if num_threads is not None else max(1, torch.get_num_threads())
@@ -248,7 +252,9 @@ class SmoothOut:
         self._scratch: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         self._runner: StreamRunner[_Stream] | None = None
         self._workers = 1
-        self._noise_rank = self.rank if config.independent_ranks else 0
+        # Sharded parameters: every rank holds other rows, so its shard always draws from its own rank's stream
+        # (one global sample per step, whatever independent_ranks says).
+        self._noise_rank = self.rank if (config.independent_ranks or self._sharded) else 0
         self._draws = 0  # noise draws so far: the only state a checkpoint needs
         self._perturbed = False
         self._noop = False
@@ -324,7 +330,7 @@ class SmoothOut:
         self._slots = []
         for sel in self._selected:
             p = sel.param
-            slot = _Slot(sel.name, p, sel.row_axis, p.data, sel.module, sel.local_name)
+            slot = _Slot(sel.name, p, sel.row_axis, local_tensor(p), sel.module, sel.local_name)
             if enabled and self._uses_backup():
                 slot.backup = torch.empty_like(slot.data, memory_format=torch.contiguous_format)
             if enabled and self.config.adapt == "filter":
@@ -369,6 +375,8 @@ class SmoothOut:
                     "parameters (and a new optimizer, which holds the old objects too)."
                 )
             data, live = slot.data, slot.param
+            if self._sharded and is_dtensor(live):
+                live = local_tensor(live)
             if (
                 live.data_ptr() != data.data_ptr()
                 or live.shape != data.shape
@@ -403,11 +411,15 @@ class SmoothOut:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for slot in self._slots:
             by_device.setdefault(slot.data.device, []).append(slot.data)
+        finite = True
         for tensors in by_device.values():
             peaks = torch._foreach_norm(tensors, ord=math.inf)
-            if not bool(torch.stack([p.float() for p in peaks]).isfinite().all()):
-                return False
-        return True
+            finite = finite and bool(torch.stack([p.float() for p in peaks]).isfinite().all())
+        if self._sharded and self.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if finite else 0.0], device=self._slots[0].data.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)  # every rank decides alike
+            finite = bool(flag.item() == 1.0)
+        return finite
 
     def _first_non_finite(self) -> str:
         for slot in self._slots:
@@ -659,10 +671,6 @@ def validate_state(state: Any) -> None:
                 f"Not a valid SmoothOut state: {name}={value!r} (must be an integer >= 0"
                 f"{' and < 2**64' if limit else ''})."
             )
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" or type(tensor.data).__name__ == "DTensor"
 
 
 def _row_block(param: torch.Tensor, row_axis: int) -> int:

@@ -256,17 +256,30 @@ def test_failure_on_a_worker_thread_is_raised_and_undone(monkeypatch, restore):
         assert_params_equal(model, clean)
 
 
-def test_sharded_dtensor_parameters_are_refused(tmp_path):
+def test_dtensor_shards_are_perturbed_in_place_and_split_rows_refused(tmp_path):
     import torch.distributed as dist
     from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         mesh = DeviceMesh("cpu", [0])
-        model = nn.Linear(4, 4)
-        model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match="DTensor"):
-            SmoothOut(model, SmoothOutConfig())
-        SmoothOut(model, SmoothOutConfig(exclude=["weight"]))  # the way out the message names
+        torch.manual_seed(0)
+        model = nn.Linear(16, 8)
+        model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))  # whole rows
+        model.bias = nn.Parameter(distribute_tensor(model.bias.detach(), mesh, [Shard(0)]))
+        engine = SmoothOut(model, SmoothOutConfig(strength=0.1, seed=0))
+        clean = model.weight.to_local().clone()
+        with engine.perturbed():
+            noisy = model.weight.to_local()
+            noise_norms = (noisy - clean).norm(dim=1)
+            torch.testing.assert_close(noise_norms, 0.1 * clean.norm(dim=1), rtol=1e-4, atol=1e-6)
+        assert torch.equal(model.weight.to_local(), clean)  # restored in the shard, bit-exactly
+
+        split = nn.Linear(16, 8)
+        split.weight = nn.Parameter(distribute_tensor(split.weight.detach(), mesh, [Shard(1)]))  # rows split
+        with pytest.raises(ValueError, match="whole rows"):
+            SmoothOut(split, SmoothOutConfig())
+        SmoothOut(split, SmoothOutConfig(adapt="none", strength=1e-3))  # element-wise: any sharding
+        SmoothOut(split, SmoothOutConfig(exclude=["weight"]))  # the other way out the message names
     finally:
         dist.destroy_process_group()

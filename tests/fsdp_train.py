@@ -1,0 +1,98 @@
+"""Two-process FSDP2 check (transformers' own ``DistributedConfig(fsdp_size=2)``), launched by tests/test_fsdp.py
+with ``torchrun --standalone --nproc_per_node 2 tests/fsdp_train.py --use_cpu --output_dir DIR ...``.
+
+A tiny BERT classifier is saved, loaded sharded (DTensor parameters, ``Shard(0)``) and trained with SmoothOut.
+A forward pre-hook records the *unsharded* weight the forward pass sees; a callback checks that every rank's
+shards are restored bit-exactly before each optimizer step. Rank 0 writes ``DIR/fsdp_result.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainerCallback
+from transformers.distributed import DistributedConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from deepspeed_train import token_data
+from replica_checks import write_result_and_shut_down
+
+from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
+
+WATCHED = "bert.encoder.layer.0.intermediate.dense"
+
+
+def local_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+
+
+class ShardRestoreCheck(TrainerCallback):
+    """Local shards at each step's start vs right before its optimizer step (nothing else changes them)."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, torch.Tensor] = {}
+        self.equal: list[bool] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.start = local_shards(model)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        now = local_shards(model)
+        self.equal.append(all(torch.equal(now[n], self.start[n]) for n in now))
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(SmoothOutTrainingArguments).parse_args_into_dataclasses()
+    assert args.world_size == 2  # sets up the (gloo) process group
+    path = os.path.join(args.output_dir, "tiny_bert")
+    if dist.get_rank() == 0:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=32, num_labels=2)  # fmt: skip
+        BertForSequenceClassification(config).save_pretrained(path)
+    dist.barrier()
+    model = BertForSequenceClassification.from_pretrained(path, distributed_config=DistributedConfig(fsdp_size=2))
+    model.accepts_loss_kwargs = False
+    watched = model.get_submodule(WATCHED)
+    placements = str(watched.weight.placements)
+    clean_full = watched.weight.full_tensor().detach().clone()
+    seen: list[torch.Tensor] = []
+
+    def record(module, _inputs):
+        if module.training and not seen:
+            weight = module.weight
+            seen.append((weight.full_tensor() if hasattr(weight, "full_tensor") else weight).detach().clone())
+
+    watched.register_forward_pre_hook(record)
+    trainer = SmoothOutTrainer(model, args, train_dataset=token_data())
+    check = ShardRestoreCheck()
+    trainer.add_callback(check)
+    trainer.train()
+
+    noise = seen[0] - clean_full
+    strength = args.smoothout_strength
+    row_norms = clean_full.norm(dim=1)
+    row_norm_error = float(((noise.norm(dim=1) - strength * row_norms).abs() / row_norms).max())
+    gathered = [torch.empty_like(seen[0]) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, seen[0])
+    result = {
+        "world_size": dist.get_world_size(),
+        "placements": placements,
+        "sharded_rows": list(watched.weight.to_local().shape),
+        "full_rows": list(clean_full.shape),
+        "forward_saw_noise": not torch.equal(seen[0], clean_full),
+        "max_relative_row_norm_error": row_norm_error,
+        "same_noisy_weight_on_all_ranks": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+        "shards_restored_each_step": check.equal,
+        "params_changed": not torch.equal(watched.weight.full_tensor(), clean_full),
+        "steps": trainer.state.global_step,
+    }
+    del trainer, model
+    write_result_and_shut_down(os.path.join(args.output_dir, "fsdp_result.json"), result)
+
+
+if __name__ == "__main__":
+    main()
