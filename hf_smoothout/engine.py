@@ -44,9 +44,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.dtensor import is_dtensor, local_tensor, rows_are_local
+from .adapters.dtensor import is_dtensor, local_tensor, row_split_groups, rows_are_local
 from .config import SmoothOutConfig
-from .noise import add_noise_, draw_, filter_scales_, remove_noise_, row_norm_buffers, typical_relative_noise
+from .noise import (
+    ROW_NORM_EPS,
+    add_noise_,
+    draw_,
+    filter_scales_,
+    remove_noise_,
+    row_norm_buffers,
+    typical_relative_noise,
+)
 from .ownership import claim, release
 from .schedules import noise_coefficient
 from .selection import SelectedParameter, select_parameters
@@ -85,6 +93,7 @@ class _Slot:
     local_name: str = ""
     backup: torch.Tensor | None = None
     norms: tuple[torch.Tensor, torch.Tensor] | None = None
+    reduce_groups: tuple[Any, ...] = ()  # process groups splitting this parameter's rows (sharded, adapt=filter)
 
 
 @dataclass
@@ -97,10 +106,11 @@ class _Stream:
     stream_id: int
     slots: list[_Slot] = field(default_factory=list)
     chunks_done: int = 0
+    collective: bool = False  # all-reduces row norms: drawn in the calling thread, in the same order on all ranks
 
     @property
     def numel(self) -> int:
-        return sum(s.param.numel() for s in self.slots)
+        return sum(s.data.numel() for s in self.slots)
 
 
 _MASK64 = (1 << 64) - 1
@@ -140,10 +150,10 @@ def _balanced_split(slots: list[_Slot], parts: int) -> list[list[_Slot]]:
     order = {id(s): i for i, s in enumerate(slots)}
     bins: list[list[_Slot]] = [[] for _ in range(min(parts, len(slots)))]
     loads = [0] * len(bins)
-    for slot in sorted(slots, key=lambda s: -s.param.numel()):
+    for slot in sorted(slots, key=lambda s: -s.data.numel()):
         i = loads.index(min(loads))
         bins[i].append(slot)
-        loads[i] += slot.param.numel()
+        loads[i] += slot.data.numel()
     return [sorted(b, key=lambda s: order[id(s)]) for b in bins if b]
 
 
@@ -235,12 +245,12 @@ class SmoothOut:
         self._selected: list[SelectedParameter] = select_parameters(model, config)
         sharded = [s for s in self._selected if is_dtensor(s.param)]
         split = [s.name for s in sharded if not rows_are_local(s.param, s.row_axis)]
-        if split and config.enabled and config.adapt == "filter":
+        if split and config.enabled and config.adapt == "filter" and not (config.denoise and config.restore == "copy"):
             raise ValueError(
-                f"SmoothOut's per-row scaling (adapt='filter') needs whole rows on every rank, but {split[0]!r} is "
-                "sharded across its rows (e.g. GPT-2's Conv1D, stored [in, out], under FSDP2's Shard(0)); that is "
-                "not supported yet. Exclude those parameters with config.exclude, or use adapt='none' or 'weight' "
-                "(element-wise, any sharding)."
+                f"SmoothOut: {split[0]!r} is sharded across its rows (e.g. GPT-2's Conv1D, stored [in, out], under "
+                "FSDP2's Shard(0)); per-row scaling (adapt='filter') of split rows all-reduces the row norms, which "
+                "is implemented for restore='copy' with de-noising only. Use those settings, exclude the "
+                "parameters with config.exclude, or use adapt='none' or 'weight' (element-wise, any sharding)."
             )
         self._sharded = bool(sharded)
         base_seed = config.seed if config.seed is not None else torch.initial_seed() % (2**63)
@@ -335,24 +345,28 @@ class SmoothOut:
                 slot.backup = torch.empty_like(slot.data, memory_format=torch.contiguous_format)
             if enabled and self.config.adapt == "filter":
                 slot.norms = row_norm_buffers(slot.data, sel.row_axis)
-            groups.setdefault((p.device, p.dtype), []).append(slot)
+                slot.reduce_groups = row_split_groups(p, sel.row_axis)
+            groups.setdefault((p.device, p.dtype, bool(slot.reduce_groups)), []).append(slot)
             self._slots.append(slot)
 
         self._streams, self._copy_groups, self._scratch = [], [], {}
-        cpu_numel = sum(s.param.numel() for (device, _), slots in groups.items() if device.type == "cpu" for s in slots)
+        cpu_numel = sum(
+            s.data.numel() for (device, _, _), slots in groups.items() if device.type == "cpu" for s in slots
+        )
         self._workers = 1 if cpu_numel < _MIN_PARALLEL_ELEMENTS else min(self.num_threads, STREAMS_PER_GROUP)
         if enabled and not self._uses_backup():
             self._workers = min(self._workers, _MAX_SCRATCH_WORKERS)
         stream_id = 0
-        for (device, dtype), slots in groups.items():
+        for (device, dtype, collective), slots in groups.items():
             for part in _balanced_split(slots, STREAMS_PER_GROUP):
-                self._streams.append(_Stream(device, dtype, torch.Generator(device=device), stream_id, part))
+                generator = torch.Generator(device=device)
+                self._streams.append(_Stream(device, dtype, generator, stream_id, part, collective=collective))
                 stream_id += 1
             if enabled and self._uses_backup():
                 self._copy_groups.append(([s.data for s in slots], [s.backup for s in slots]))  # type: ignore[misc]
             if enabled and not self._uses_backup():
-                total = sum(s.param.numel() for s in slots)
-                largest_row = max(_row_block(s.param, s.row_axis) for s in slots)
+                total = sum(s.data.numel() for s in slots)
+                largest_row = max(_row_block(s.data, s.row_axis) for s in slots)
                 size = max(
                     largest_row, min(_MAX_SCRATCH_ELEMENTS, max(_MIN_SCRATCH_ELEMENTS, total // _SCRATCH_FRACTION))
                 )
@@ -395,8 +409,8 @@ class SmoothOut:
         error is raised then. ``cancellable``: on an error or interrupt, skip the streams not yet started.
         """
         assert self._runner is not None
-        cpu = [s for s in self._streams if s.device.type == "cpu"]
-        others = [s for s in self._streams if s.device.type != "cpu"]
+        cpu = [s for s in self._streams if s.device.type == "cpu" and not s.collective]
+        others = [s for s in self._streams if s.device.type != "cpu" or s.collective]
         workers = self._workers if cpu else 1
         loads: list[list[_Stream]] = [[] for _ in range(workers)]
         sizes = [0] * workers
@@ -487,6 +501,10 @@ class SmoothOut:
         if self._uses_backup() and cfg.adapt == "filter":
             # Draw into the parameters, per-row scales for the whole stream, then param = backup + scale * draw.
             draws = [draw_(slot.data, cfg.distribution, stream.generator) for slot in stream.slots]
+            if stream.collective:
+                for slot, draw in zip(stream.slots, draws, strict=True):
+                    torch.addcmul(slot.backup, draw, _split_row_scale(slot, draw, strength), out=draw)
+                return
             scales = filter_scales_(
                 [slot.backup for slot in stream.slots],  # type: ignore[misc]
                 draws,
@@ -671,6 +689,21 @@ def validate_state(state: Any) -> None:
                 f"Not a valid SmoothOut state: {name}={value!r} (must be an integer >= 0"
                 f"{' and < 2**64' if limit else ''})."
             )
+
+
+def _split_row_scale(slot: _Slot, draw: torch.Tensor, strength: float) -> torch.Tensor:
+    """AdaSmoothOut's per-row multiplier for rows split across ranks: partial squared norms all-reduced first."""
+    assert slot.backup is not None and slot.norms is not None
+    scale, draw_norm = slot.norms
+    dims = tuple(d for d in range(slot.backup.ndim) if d != slot.row_axis)
+    torch.sum(slot.backup.square(), dim=dims, keepdim=True, out=scale)
+    torch.sum(draw.square(), dim=dims, keepdim=True, out=draw_norm)
+    both = torch.stack([scale, draw_norm])
+    for group in slot.reduce_groups:
+        torch.distributed.all_reduce(both, group=group)
+    torch.sqrt(both[0], out=scale)
+    torch.sqrt(both[1], out=draw_norm)
+    return scale.div_(draw_norm.add_(ROW_NORM_EPS)).mul_(strength)
 
 
 def _row_block(param: torch.Tensor, row_axis: int) -> int:

@@ -13,7 +13,15 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainerCallback
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    HfArgumentParser,
+    TrainerCallback,
+)
 from transformers.distributed import DistributedConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -22,7 +30,23 @@ from replica_checks import write_result_and_shut_down
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
 
-WATCHED = "bert.encoder.layer.0.intermediate.dense"
+# FSDP_TEST_MODEL=bert: nn.Linear weights, sharded along their rows. gpt2: Conv1D weights ([in, out]) sharded on
+# dim 0, i.e. across their output rows (columns), so the row norms are all-reduced.
+MODELS = {
+    "bert": ("bert.encoder.layer.0.intermediate.dense", 1),
+    "gpt2": ("transformer.h.0.mlp.c_fc", 0),
+}
+
+
+def build(kind: str):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32, num_labels=2,
+                            pad_token_id=0)  # fmt: skip
+        return GPT2ForSequenceClassification(config)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)  # fmt: skip
+    return BertForSequenceClassification(config)
 
 
 def local_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -47,16 +71,15 @@ class ShardRestoreCheck(TrainerCallback):
 def main() -> None:
     (args,) = HfArgumentParser(SmoothOutTrainingArguments).parse_args_into_dataclasses()
     assert args.world_size == 2  # sets up the (gloo) process group
-    path = os.path.join(args.output_dir, "tiny_bert")
+    kind = os.environ.get("FSDP_TEST_MODEL", "bert")
+    watched_name, norm_dim = MODELS[kind]
+    path = os.path.join(args.output_dir, f"tiny_{kind}")
     if dist.get_rank() == 0:
-        torch.manual_seed(0)
-        config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=32, num_labels=2)  # fmt: skip
-        BertForSequenceClassification(config).save_pretrained(path)
+        build(kind).save_pretrained(path)
     dist.barrier()
-    model = BertForSequenceClassification.from_pretrained(path, distributed_config=DistributedConfig(fsdp_size=2))
+    model = AutoModelForSequenceClassification.from_pretrained(path, distributed_config=DistributedConfig(fsdp_size=2))
     model.accepts_loss_kwargs = False
-    watched = model.get_submodule(WATCHED)
+    watched = model.get_submodule(watched_name)
     placements = str(watched.weight.placements)
     clean_full = watched.weight.full_tensor().detach().clone()
     seen: list[torch.Tensor] = []
@@ -74,17 +97,26 @@ def main() -> None:
 
     noise = seen[0] - clean_full
     strength = args.smoothout_strength
-    row_norms = clean_full.norm(dim=1)
-    row_norm_error = float(((noise.norm(dim=1) - strength * row_norms).abs() / row_norms).max())
+    row_norms = clean_full.norm(dim=norm_dim)  # norms over everything but the output axis
+    row_norm_error = float(((noise.norm(dim=norm_dim) - strength * row_norms).abs() / row_norms).max())
+    # How the noise of a row divides between the two shards (halves of dim 0). Whole-row normalization (the law)
+    # splits it at random; normalizing each shard's part alone would split it exactly like the weight's norm.
+    share_deviation = None
+    if norm_dim == 0:  # rows run along dim 0, which is the sharded one
+        half = clean_full.shape[0] // 2
+        noise_share = noise[:half].norm(dim=0) / noise.norm(dim=0)
+        share_deviation = float((noise_share - clean_full[:half].norm(dim=0) / row_norms).abs().max())
     gathered = [torch.empty_like(seen[0]) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, seen[0])
     result = {
+        "model": kind,
         "world_size": dist.get_world_size(),
         "placements": placements,
         "sharded_rows": list(watched.weight.to_local().shape),
         "full_rows": list(clean_full.shape),
         "forward_saw_noise": not torch.equal(seen[0], clean_full),
         "max_relative_row_norm_error": row_norm_error,
+        "noise_split_deviates_from_weight_split": share_deviation,
         "same_noisy_weight_on_all_ranks": all(torch.equal(gathered[0], g) for g in gathered[1:]),
         "shards_restored_each_step": check.equal,
         "params_changed": not torch.equal(watched.weight.full_tensor(), clean_full),

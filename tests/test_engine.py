@@ -256,7 +256,7 @@ def test_failure_on_a_worker_thread_is_raised_and_undone(monkeypatch, restore):
         assert_params_equal(model, clean)
 
 
-def test_dtensor_shards_are_perturbed_in_place_and_split_rows_refused(tmp_path):
+def test_dtensor_shards_are_perturbed_in_place_with_local_or_split_rows(tmp_path):
     import torch.distributed as dist
     from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
 
@@ -277,9 +277,14 @@ def test_dtensor_shards_are_perturbed_in_place_and_split_rows_refused(tmp_path):
 
         split = nn.Linear(16, 8)
         split.weight = nn.Parameter(distribute_tensor(split.weight.detach(), mesh, [Shard(1)]))  # rows split
-        with pytest.raises(ValueError, match="whole rows"):
-            SmoothOut(split, SmoothOutConfig())
-        SmoothOut(split, SmoothOutConfig(adapt="none", strength=1e-3))  # element-wise: any sharding
-        SmoothOut(split, SmoothOutConfig(exclude=["weight"]))  # the other way out the message names
+        engine = SmoothOut(split, SmoothOutConfig(strength=0.1, seed=0))  # row norms all-reduced over the mesh
+        clean = split.weight.to_local().clone()
+        with engine.perturbed():
+            noise_norms = (split.weight.to_local() - clean).norm(dim=1)
+            torch.testing.assert_close(noise_norms, 0.1 * clean.norm(dim=1), rtol=1e-4, atol=1e-6)
+        assert torch.equal(split.weight.to_local(), clean)
+        with pytest.raises(ValueError, match="sharded across its rows"):
+            SmoothOut(split, SmoothOutConfig(restore="regenerate"))
+        SmoothOut(split, SmoothOutConfig(restore="regenerate", adapt="none", strength=1e-3))  # element-wise: any
     finally:
         dist.destroy_process_group()

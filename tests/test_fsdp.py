@@ -14,7 +14,12 @@ SCRIPT = Path(__file__).with_name("fsdp_train.py")
 
 
 @pytest.mark.multiprocess
-def test_fsdp2_shards_get_the_noise_law_and_are_restored_bit_exactly(tmp_path):
+@pytest.mark.parametrize(
+    ("model", "sharded", "full"),
+    [("bert", [32, 32], [64, 32]), ("gpt2", [16, 128], [32, 128])],  # gpt2: Conv1D [in, out], rows split
+)
+def test_fsdp2_shards_get_the_noise_law_and_are_restored_bit_exactly(tmp_path, monkeypatch, model, sharded, full):
+    monkeypatch.setenv("FSDP_TEST_MODEL", model)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
         "--use_cpu", "--output_dir", str(tmp_path), "--max_steps", "4", "--per_device_train_batch_size", "8",
@@ -23,11 +28,13 @@ def test_fsdp2_shards_get_the_noise_law_and_are_restored_bit_exactly(tmp_path):
     ]  # fmt: skip
     run_launcher(cmd)
     result = json.loads((tmp_path / "fsdp_result.json").read_text())
-    assert result["world_size"] == 2 and result["steps"] == 4
+    assert result["model"] == model and result["world_size"] == 2 and result["steps"] == 4
     assert result["placements"] == "(Shard(dim=0),)"
-    assert result["sharded_rows"] == [32, 32] and result["full_rows"] == [64, 32]  # each rank holds half the rows
+    assert result["sharded_rows"] == sharded and result["full_rows"] == full  # each rank holds half of dim 0
     assert result["forward_saw_noise"]
     assert result["max_relative_row_norm_error"] < 1e-5  # every full row's noise has norm a * ||w_row||
+    if model == "gpt2":  # rows split: each row's noise is normalized as a whole (all-reduced), not per shard
+        assert result["noise_split_deviates_from_weight_split"] > 1e-3
     assert result["same_noisy_weight_on_all_ranks"]  # one global sample per micro-batch
     assert result["shards_restored_each_step"] == [True] * 4  # bit-exact on every rank before every step
     assert result["params_changed"]

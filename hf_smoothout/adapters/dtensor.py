@@ -4,7 +4,11 @@ SmoothOut perturbs and restores every rank's *local shard* in place; FSDP2 all-g
 in the forward pass, so all ranks see one global noise sample per micro-batch. Per-row noise scaling
 (``adapt="filter"``) needs whole rows locally: true for a parameter sharded along its row axis (FSDP2's
 ``Shard(0)`` of ``nn.Linear``/``nn.Embedding``/``nn.Conv*d`` weights) or replicated, and for 1-D
-parameters (one element per row). Element-wise laws (``none``, ``weight``) work for any sharding.
+parameters (one element per row). Where rows are split across ranks (GPT-2's ``Conv1D`` stores
+``[in, out]`` and FSDP2 shards dim 0, so each output column is spread over the ranks), the partial
+squared row norms of the weight and of the draw are all-reduced over the mesh dimensions that split
+them (`row_split_groups`), which makes the per-row law exact on the gathered tensor. Element-wise laws
+(``none``, ``weight``) work for any sharding.
 
 Example:
     >>> import torch
@@ -13,6 +17,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -41,3 +47,22 @@ def rows_are_local(param: torch.Tensor, row_axis: int) -> bool:
             continue
         return False
     return True
+
+
+def row_split_groups(param: torch.Tensor, row_axis: int) -> tuple[Any, ...]:
+    """Process groups over which ``param``'s output rows are split (empty when rows are local).
+
+    Raises:
+        ValueError: for placements other than ``Shard``/``Replicate`` (e.g. ``Partial``).
+    """
+    if not is_dtensor(param) or param.ndim <= 1:
+        return ()
+    groups = []
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_replicate():
+            continue
+        if not placement.is_shard():
+            raise ValueError(f"SmoothOut cannot perturb a DTensor with placement {placement} (only Shard/Replicate).")
+        if placement.dim % param.ndim != row_axis:
+            groups.append(param.device_mesh.get_group(mesh_dim))
+    return tuple(groups)
