@@ -103,7 +103,9 @@ class SmoothOutConfig:
         seed: seed of the noise generator, an integer in ``[0, 2**64)``; ``None`` derives it from
             torch's initial seed (the Trainer passes ``TrainingArguments.seed``).
         independent_ranks: each distributed rank draws different noise (seed offset by rank),
-            so data-parallel training averages ``world_size`` noise samples per step.
+            so data-parallel training averages ``world_size`` noise samples per step. Sharded
+            (FSDP2/DTensor) parameters always draw per rank: each rank holds other rows, and the
+            forward pass gathers them into one global sample per micro-batch.
         noise_every: when the Trainer draws fresh noise: ``"micro_batch"`` (the paper and the authors'
             script: every micro-batch of a gradient-accumulation window, i.e. every ghost chunk, gets its
             own draw) or ``"step"`` (one draw held for the whole window and removed before clipping and
