@@ -1,8 +1,10 @@
 """perturb + restore alone, on a BERT-base-sized parameter set, against the floor measured in the same run.
 
-Floor: generating the same count of random numbers with torch's CPU/GPU generator (one stream, the
-standard way) + one copy pass + one add pass, all into preallocated memory. A second floor draws the
-random numbers on as many threads as the engine uses, for reference. Variants are interleaved
+Floors: (1) generating the same count of random numbers with torch's CPU/GPU generator (one stream, the
+standard way) + one copy pass + one add pass, all into preallocated memory; (2) the same with the
+random numbers drawn on as many threads as the engine uses; (3) the memory-traffic floor: three copy
+passes over the selected bytes (back up, write the noisy weights, restore), what the method must move
+at the least, with no random numbers at all. Ratios are printed against (1) and (3). Variants are interleaved
 (round-robin) after a warm-up; medians are printed with ratios, plus the engine's extra memory
 relative to the selected parameters' bytes and the bytes allocated during perturb + restore.
 
@@ -110,9 +112,15 @@ def main() -> None:
 
         return run
 
+    def memory_floor() -> None:
+        torch._foreach_copy_(copy_bufs, data)  # back up
+        torch._foreach_copy_(data, copy_bufs)  # write the noisy weights (same bytes)
+        torch._foreach_copy_(data, copy_bufs)  # restore
+
     runs: dict[str, Callable[[], None]] = {
         "floor (1 RNG stream)": floor,
         f"floor ({threads} RNG threads)": floor_parallel,
+        "memory floor (3 copies)": memory_floor,
     }
     runs.update({name: cycle(so) for name, so in variants.items()})
     for fn in runs.values():  # warm-up
@@ -123,15 +131,21 @@ def main() -> None:
             times[name].append(timed(fn, device))
 
     base = statistics.median(times["floor (1 RNG stream)"])
+    memory = statistics.median(times["memory floor (3 copies)"])
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} engine workers={threads}")
     print(f"selected parameters: {count / 1e6:.1f}M ({param_bytes / 2**20:.0f} MiB); repeats={args.repeats}")
-    print(f"{'variant':<26} {'median ms':>10} {'x floor':>8} {'extra mem / params':>19} {'alloc during':>13}")
+    print(
+        f"{'variant':<26} {'median ms':>10} {'x floor':>8} {'x mem floor':>12} {'extra mem / params':>19} "
+        f"{'alloc during':>13}"
+    )
     for name, fn in runs.items():
         med = statistics.median(times[name]) * 1000
         so = variants.get(name)
         mem = f"{so.buffer_bytes / param_bytes:.4f}" if so else "-"
         alloc = f"{allocated_bytes_during(fn, device) / 2**10:.0f} KiB" if so else "-"
-        print(f"{name:<26} {med:>10.1f} {med / (base * 1000):>8.2f} {mem:>19} {alloc:>13}")
+        print(
+            f"{name:<26} {med:>10.1f} {med / (base * 1000):>8.2f} {med / (memory * 1000):>12.2f} {mem:>19} {alloc:>13}"
+        )
 
 
 if __name__ == "__main__":

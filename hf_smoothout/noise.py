@@ -26,18 +26,49 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 ROW_NORM_EPS = 1e-6
 
 
-def draw_(out: torch.Tensor, distribution: str, generator: torch.Generator) -> torch.Tensor:
-    """Fill ``out`` with ``U(-1, 1)`` or ``N(0, 1)`` samples from ``generator``."""
+NUMPY_DTYPES = (torch.float32, torch.float64)
+"""CPU dtypes the engine draws with numpy's PCG64 bit generator (faster than torch's CPU mt19937)."""
+
+
+def draw_(out: torch.Tensor, distribution: str, generator: torch.Generator | np.random.Generator) -> torch.Tensor:
+    """Fill ``out`` with ``U(-1, 1)`` or ``N(0, 1)`` samples from ``generator``.
+
+    ``generator`` is a ``torch.Generator`` (any device and dtype) or, for CPU float32/float64 tensors, a
+    ``numpy.random.Generator``, which fills the tensor's memory in place.
+
+    Example:
+        >>> t = draw_(torch.empty(1000), "uniform", np.random.Generator(np.random.PCG64(0)))
+        >>> bool(t.min() >= -1) and bool(t.max() < 1)
+        True
+    """
+    if isinstance(generator, np.random.Generator):
+        return _draw_numpy_(out, distribution, generator)
     if distribution == "uniform":
         return out.uniform_(-1.0, 1.0, generator=generator)
     if distribution == "gaussian":
         return out.normal_(0.0, 1.0, generator=generator)
     raise ValueError(f"Unknown distribution {distribution!r}; allowed: uniform, gaussian.")
+
+
+def _draw_numpy_(out: torch.Tensor, distribution: str, generator: np.random.Generator) -> torch.Tensor:
+    if distribution not in ("uniform", "gaussian"):
+        raise ValueError(f"Unknown distribution {distribution!r}; allowed: uniform, gaussian.")
+    target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    array = target.detach().numpy()  # the tensor's own memory
+    if distribution == "uniform":
+        generator.random(out=array, dtype=array.dtype)  # [0, 1)
+        target.mul_(2.0).sub_(1.0)  # [-1, 1)
+    else:
+        generator.standard_normal(out=array, dtype=array.dtype)
+    if target is not out:
+        out.copy_(target)
+    return out
 
 
 def row_norm_shape(tensor: torch.Tensor, row_axis: int) -> tuple[int, ...]:
