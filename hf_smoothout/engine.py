@@ -261,6 +261,7 @@ class SmoothOut:
         self.num_threads = num_threads if num_threads is not None else max(1, torch.get_num_threads())
         self._streams: list[_Stream] = []
         self._slots: list[_Slot] = []
+        self._slot_groups: list[list[_Slot]] = []  # per (device, dtype, rows split across ranks)
         self._copy_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._scratch: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         self._runner: StreamRunner[_Stream] | None = None
@@ -353,6 +354,7 @@ class SmoothOut:
             self._slots.append(slot)
 
         self._streams, self._copy_groups, self._scratch = [], [], {}
+        self._slot_groups = list(groups.values())
         cpu_numel = sum(
             s.data.numel() for (device, _, _), slots in groups.items() if device.type == "cpu" for s in slots
         )
@@ -486,7 +488,16 @@ class SmoothOut:
                 self._seed_stream(stream)
                 stream.chunks_done = 0
             self._perturbed = True
-            self._run_streams(lambda stream, worker: self._perturb_stream(stream, worker, strength), cancellable=True)
+            if self._uses_backup():
+                # Random numbers on the worker threads (numpy and torch's CPU generator run one thread each and
+                # release the GIL), straight into the parameters; then the arithmetic in this thread, where torch's
+                # intra-op threads are not competing with the workers' own.
+                self._run_streams(self._draw_stream, cancellable=True)
+                self._apply_noise(strength)
+            else:
+                self._run_streams(
+                    lambda stream, worker: self._perturb_chunks(stream, worker, strength), cancellable=True
+                )
             if clean_finite:
                 if not self._all_finite():
                     raise NonFiniteNoiseError(
@@ -503,39 +514,39 @@ class SmoothOut:
         else:
             stream.generator.manual_seed(seed)
 
-    def _perturb_stream(self, stream: _Stream, worker: int, strength: float) -> None:
+    def _draw_stream(self, stream: _Stream, worker: int) -> None:
+        """Fill every parameter of ``stream`` with raw draws ``u`` (the clean values are in the backups)."""
+        for slot in stream.slots:
+            draw_(slot.data, self.config.distribution, stream.generator)
+
+    def _apply_noise(self, strength: float) -> None:
+        """``param = backup + multiplier * u`` for every slot, ``u`` being what `_draw_stream` left in it."""
         cfg = self.config
-        if self._uses_backup() and cfg.adapt == "filter":
-            # Draw into the parameters, per-row scales for the whole stream, then param = backup + scale * draw.
-            draws = [draw_(slot.data, cfg.distribution, stream.generator) for slot in stream.slots]
-            if stream.collective:
-                for slot, draw in zip(stream.slots, draws, strict=True):
-                    torch.addcmul(slot.backup, draw, _split_row_scale(slot, draw, strength), out=draw)
-                return
-            scales = filter_scales_(
-                [slot.backup for slot in stream.slots],  # type: ignore[misc]
-                draws,
-                strength,
-                [slot.row_axis for slot in stream.slots],
-                [slot.norms for slot in stream.slots],  # type: ignore[misc]
-            )
-            for slot, draw, scale in zip(stream.slots, draws, scales, strict=True):
-                torch.addcmul(slot.backup, draw, scale, out=draw)
-            return
-        if self._uses_backup():
-            # Draw straight into the parameter, then one fused pass: param = backup + multiplier * draw.
-            for slot in stream.slots:
-                draw = draw_(slot.data, cfg.distribution, stream.generator)
+        if cfg.adapt != "filter":
+            for slot in self._slots:
+                assert slot.backup is not None
                 add_noise_(
-                    draw,
-                    slot.backup,
-                    draw,  # type: ignore[arg-type]
-                    adapt=cfg.adapt,
-                    strength=strength,
-                    row_axis=slot.row_axis,
-                    norm_buffers=slot.norms,
+                    slot.data, slot.backup, slot.data, adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis
                 )
             return
+        for slots in self._slot_groups:
+            if slots and slots[0].reduce_groups:  # rows split across ranks: same order on every rank
+                for slot in slots:
+                    torch.addcmul(slot.backup, slot.data, _split_row_scale(slot, slot.data, strength), out=slot.data)
+                continue
+            scales = filter_scales_(
+                [slot.backup for slot in slots],  # type: ignore[misc]
+                [slot.data for slot in slots],
+                strength,
+                [slot.row_axis for slot in slots],
+                [slot.norms for slot in slots],  # type: ignore[misc]
+            )
+            for slot, scale in zip(slots, scales, strict=True):
+                torch.addcmul(slot.backup, slot.data, scale, out=slot.data)
+
+    def _perturb_chunks(self, stream: _Stream, worker: int, strength: float) -> None:
+        """No backup (regenerate restore, or no de-noising): draw chunk by chunk into scratch and add in place."""
+        cfg = self.config
         scratch = self._scratch[(stream.device, stream.dtype)][worker]
         for slot, weight, draw, norms in _chunks(stream, scratch):
             draw_(draw, cfg.distribution, stream.generator)

@@ -63,7 +63,8 @@ def _draw_numpy_(out: torch.Tensor, distribution: str, generator: np.random.Gene
     array = target.detach().numpy()  # the tensor's own memory
     if distribution == "uniform":
         generator.random(out=array, dtype=array.dtype)  # [0, 1)
-        target.mul_(2.0).sub_(1.0)  # [-1, 1)
+        np.multiply(array, 2.0, out=array)  # to [-1, 1) with numpy: one thread, no torch thread pool here
+        np.subtract(array, 1.0, out=array)
     else:
         generator.standard_normal(out=array, dtype=array.dtype)
     if target is not out:
