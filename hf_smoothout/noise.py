@@ -33,7 +33,7 @@ ROW_NORM_EPS = 1e-6
 
 
 NUMPY_DTYPES = (torch.float32, torch.float64)
-"""CPU dtypes the engine draws with numpy's PCG64 bit generator (faster than torch's CPU mt19937)."""
+"""CPU dtypes the engine draws uniform noise for with numpy's PCG64 (faster than torch's CPU mt19937)."""
 
 
 def draw_(out: torch.Tensor, distribution: str, generator: torch.Generator | np.random.Generator) -> torch.Tensor:
