@@ -12,6 +12,8 @@ Usage:
     python benchmarks/overhead.py --model minilm --batch 32 --seq 128      # MiniLM-size BERT, CPU
     python benchmarks/overhead.py --model cnn --batch 256                  # small CNN
     python benchmarks/overhead.py --model bert-base --batch 32 --seq 128   # GPU sizes
+    python benchmarks/overhead.py --model mlp --batch 128 --accumulation 32  # the authors' ghost chunks:
+        # B = 4096 from 32 chunks of 128, 5x512 batch-norm MLP (1.46M params), fresh noise per chunk
 """
 
 from __future__ import annotations
@@ -96,9 +98,33 @@ class SmallCNN(nn.Module):
         return out
 
 
+class BatchNormMLP(nn.Module):
+    """784 -> 5 x (Linear 512, BatchNorm, ReLU) -> 10: the large-batch study's Keskar-style net."""
+
+    def __init__(self, hidden: int = 512, depth: int = 5) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 28 * 28
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers, nn.Linear(width, 10))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.body(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
 def build(model_name: str, batch: int, seq: int, n_batches: int):
     g = torch.Generator().manual_seed(0)
     n = batch * n_batches
+    if model_name == "mlp":
+        x = torch.randn(n, 28 * 28, generator=g)
+        y = torch.randint(0, 10, (n,), generator=g)
+        return BatchNormMLP(), [{"pixel_values": x[i], "labels": y[i]} for i in range(n)]
     if model_name == "cnn":
         model = SmallCNN()
         x = torch.randn(n, 1, 28, 28, generator=g)
@@ -120,8 +146,9 @@ def build(model_name: str, batch: int, seq: int, n_batches: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["minilm", "bert-base", "cnn"], default="minilm")
+    parser.add_argument("--model", choices=["minilm", "bert-base", "cnn", "mlp"], default="minilm")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps (micro-batches)")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per arm per round (first discarded)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -132,7 +159,7 @@ def main() -> None:
     use_cpu = not torch.cuda.is_available()
 
     torch.manual_seed(0)
-    base_model, data = build(args.model, args.batch, args.seq, args.steps)
+    base_model, data = build(args.model, args.batch, args.seq, args.steps * args.accumulation)
     param_bytes = sum(p.numel() * p.element_size() for p in base_model.parameters() if p.requires_grad)
 
     arms: dict[str, tuple[type[Trainer], SmoothOutConfig | None]] = {"plain Trainer": (Trainer, None)}
@@ -143,6 +170,10 @@ def main() -> None:
         SmoothOutConfig(strength=args.strength, adapt="filter", restore="regenerate"),
     )
     arms["SmoothOut filter/copy K=2"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, samples=2))
+    arms["SmoothOut filter, noise per step"] = (
+        SmoothOutTrainer,
+        SmoothOutConfig(strength=args.strength, noise_every="step"),
+    )
     arms["SAM-style two-pass"] = (SAMStyleTrainer, None)
     if args.arms:
         arms = {k: v for k, v in arms.items() if k == "plain Trainer" or k in args.arms}
@@ -153,6 +184,7 @@ def main() -> None:
         targs = TrainingArguments(
             output_dir="/tmp/hf_smoothout_overhead",
             per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=args.accumulation,
             max_steps=args.steps,
             learning_rate=1e-4,
             report_to="none",
@@ -186,7 +218,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"model={args.model} ({param_bytes / 4 / 1e6:.1f}M trainable params) batch={args.batch}"
-        + (f"x{args.seq}" if args.model != "cnn" else "")
+        + (f"x{args.seq}" if args.model not in ("cnn", "mlp") else "")
+        + (f" accumulation={args.accumulation}" if args.accumulation > 1 else "")
         + f" device={device} torch={torch.__version__}"
         + f" steps/arm={len(samples['plain Trainer'])} bf16={args.bf16}"
     )
