@@ -170,7 +170,7 @@ def main() -> None:
         SmoothOutConfig(strength=args.strength, adapt="filter", restore="regenerate"),
     )
     arms["SmoothOut filter/copy K=2"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, samples=2))
-    arms["SmoothOut filter, noise per step"] = (
+    arms["SmoothOut filter/step noise"] = (
         SmoothOutTrainer,
         SmoothOutConfig(strength=args.strength, noise_every="step"),
     )
