@@ -22,13 +22,19 @@ import argparse
 import copy
 import gc
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hf_smoothout import SmoothOutConfig, SmoothOutTrainer
+
+# the 5x512 batch-norm MLP of the large-batch studies, defined once in study/fmnist_common.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "study"))
+from fmnist_common import KeskarMLP
 
 
 class StepTimer(TrainerCallback):
@@ -98,33 +104,13 @@ class SmallCNN(nn.Module):
         return out
 
 
-class BatchNormMLP(nn.Module):
-    """784 -> 5 x (Linear 512, BatchNorm, ReLU) -> 10: the large-batch study's Keskar-style net."""
-
-    def __init__(self, hidden: int = 512, depth: int = 5) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = 28 * 28
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
-            width = hidden
-        self.body = nn.Sequential(*layers, nn.Linear(width, 10))
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        logits = self.body(pixel_values)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = nn.functional.cross_entropy(logits, labels)
-        return out
-
-
 def build(model_name: str, batch: int, seq: int, n_batches: int):
     g = torch.Generator().manual_seed(0)
     n = batch * n_batches
     if model_name == "mlp":
         x = torch.randn(n, 28 * 28, generator=g)
         y = torch.randint(0, 10, (n,), generator=g)
-        return BatchNormMLP(), [{"pixel_values": x[i], "labels": y[i]} for i in range(n)]
+        return KeskarMLP(), [{"pixel_values": x[i], "labels": y[i]} for i in range(n)]
     if model_name == "cnn":
         model = SmallCNN()
         x = torch.randn(n, 1, 28, 28, generator=g)

@@ -7,12 +7,12 @@ import copy
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_script
+from test_study import fashion_mnist_available
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,17 +24,6 @@ def load_study():
 
 
 study_module = load_study()
-
-
-def fashion_mnist_available() -> bool:
-    sys.path.insert(0, str(ROOT / "recipes"))
-    try:
-        from recipe_kit.offline import fashion_mnist_dir
-
-        fashion_mnist_dir()
-        return True
-    except Exception:
-        return False
 
 
 needs_fashion_mnist = pytest.mark.skipif(
