@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import statistics
@@ -221,7 +222,8 @@ def append_run(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line, durably (flush + fsync).
 
     A partial last line (no trailing newline: the process was killed mid-write) is cut off first, so the
-    new record never fuses with it.
+    new record never fuses with it. An exclusive lock makes appends from stage processes that run side by
+    side (e.g. ``--stage core --seeds 0 1`` beside ``--stage small``) safe.
 
     Example:
         >>> import tempfile
@@ -232,15 +234,18 @@ def append_run(path: Path, record: dict[str, Any]) -> None:
         ['a', 'c']
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.stat().st_size > 0:
-        content = path.read_bytes()
-        if not content.endswith(b"\n"):
-            with path.open("r+b") as f:
+    with path.open("a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # stage processes running side by side share the ledger
+        try:
+            f.seek(0)
+            content = f.read()
+            if content and not content.endswith(b"\n"):
                 f.truncate(content.rfind(b"\n") + 1)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+            f.write((json.dumps(record) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:

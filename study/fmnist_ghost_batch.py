@@ -58,6 +58,9 @@ naive 4.9 s/epoch, ghost 5.5, AdaSmoothOut 7.5, SAM 11.4; about 80 s of sharpnes
 sweeps extend their grids), about 5.4 hours at ``--epochs 40``; ``cost`` about 5 minutes. ``--stage plan``
 re-estimates from the runs finished so far. With two threads on cores that something else also uses, the
 small per-chunk kernels can slow down many times over: pass ``--torch_threads 1`` on a shared machine.
+On two cores, two stage processes can share the ledger, split by seed so they never pick the same run
+(seeds are not part of a run's settings): ``--stage sweep``, then ``core``/``ablation`` with ``--seeds 0 1``,
+beside ``--stage small``, then ``core``/``ablation`` with ``--seeds 2`` (the sweeps finish long before).
 
 Usage:
     python study/fmnist_ghost_batch.py --output_dir study_outputs/fmnist_ghost --torch_threads 1 --stage all
