@@ -34,16 +34,22 @@ class SmoothOutTrainingArguments(TrainingArguments):
             "U(-a, a); adapt=weight: a*w*U(-1, 1). 0 disables SmoothOut (plain training)."
         },
     )
-    smoothout_adapt: Literal["filter", "none", "weight"] = field(
+    smoothout_adapt: Literal["filter", "filter_std", "none", "weight"] = field(
         default="filter",
-        metadata={"help": "Noise scaling: filter (AdaSmoothOut, per output row/filter), none (plain box), weight."},
+        metadata={
+            "help": "Noise scaling: filter (AdaSmoothOut, per output row/filter), filter_std (per row, "
+            "a*||w_row||/sqrt(n)*u: Flat-LoRA's law with gaussian), none (plain box), weight."
+        },
     )
     smoothout_distribution: Literal["uniform", "gaussian"] = field(
         default="uniform", metadata={"help": "Noise distribution."}
     )
-    smoothout_schedule: Literal["constant", "anneal", "tanh"] = field(
+    smoothout_schedule: Literal["constant", "anneal", "tanh", "cosine"] = field(
         default="constant",
-        metadata={"help": "Strength schedule over optimizer steps: constant, anneal (decays), tanh (ramps up)."},
+        metadata={
+            "help": "Strength schedule over optimizer steps: constant, anneal (decays), tanh (ramps up), cosine "
+            "(ramps up from 0: (1 - cos(pi*t/T)) / 2)."
+        },
     )
     smoothout_anneal_index: float = field(
         default=0.55, metadata={"help": "Exponent of the anneal schedule: coef = (1 + t) ** (-anneal_index / 2)."}
@@ -89,6 +95,14 @@ class SmoothOutTrainingArguments(TrainingArguments):
             "help": "micro_batch: fresh noise for every micro-batch of an accumulation window (the paper). step: one "
             "draw held over the window, removed before clipping and the optimizer step (cheaper with large "
             "gradient accumulation)."
+        },
+    )
+    smoothout_space: Literal["trainable", "lora_merged"] = field(
+        default="trainable",
+        metadata={
+            "help": "trainable: noise on the selected trainable parameters (with PEFT LoRA: the adapters). "
+            "lora_merged: noise on every LoRA layer's merged weight W + s*B*A, gradients to the adapters only, "
+            "base weights never written (Flat-LoRA style)."
         },
     )
 

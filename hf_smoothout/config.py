@@ -15,17 +15,20 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-ADAPT_MODES = ("filter", "none", "weight")
+ADAPT_MODES = ("filter", "filter_std", "none", "weight")
 DISTRIBUTIONS = ("uniform", "gaussian")
-SCHEDULES = ("constant", "anneal", "tanh")
+SCHEDULES = ("constant", "anneal", "tanh", "cosine")
 RESTORE_MODES = ("copy", "regenerate")
 NOISE_EVERY = ("micro_batch", "step")
+SPACES = ("trainable", "lora_merged")
+ROW_SCALED_MODES = ("filter", "filter_std")
 
-Adapt = Literal["filter", "none", "weight"]
+Adapt = Literal["filter", "filter_std", "none", "weight"]
 Distribution = Literal["uniform", "gaussian"]
-Schedule = Literal["constant", "anneal", "tanh"]
+Schedule = Literal["constant", "anneal", "tanh", "cosine"]
 Restore = Literal["copy", "regenerate"]
 NoiseEvery = Literal["micro_batch", "step"]
+Space = Literal["trainable", "lora_merged"]
 
 
 _SEED_LIMIT = 2**64
@@ -79,11 +82,14 @@ class SmoothOutConfig:
         strength: the noise strength ``a``. With ``adapt="filter"`` each row's noise vector has
             L2 norm ``a * ||w_row||``; with ``"none"`` the noise is ``U(-a, a)`` (or ``a * N(0, 1)``);
             with ``"weight"`` it is ``a * w * U(-1, 1)`` element-wise. ``0`` disables the method.
-        adapt: noise scaling: ``"filter"`` (AdaSmoothOut, per output row/filter), ``"none"``
-            (plain SmoothOut box) or ``"weight"`` (element-wise, relative to each weight).
+        adapt: noise scaling: ``"filter"`` (AdaSmoothOut, per output row/filter), ``"filter_std"``
+            (per row, not normalized by the draw: ``tau_row = a * ||w_row|| / sqrt(n) * u_row``; with Gaussian
+            noise that is Flat-LoRA's law, row norm about ``a * ||w_row||``), ``"none"`` (plain SmoothOut box)
+            or ``"weight"`` (element-wise, relative to each weight).
         distribution: ``"uniform"`` (the paper's choice) or ``"gaussian"``.
         schedule: multiplier of ``strength`` over training: ``"constant"``, ``"anneal"``
-            (``(1 + t) ** (-anneal_index / 2)``) or ``"tanh"`` (ramps up, ``tanh_scale`` steepness).
+            (``(1 + t) ** (-anneal_index / 2)``), ``"tanh"`` (ramps up, ``tanh_scale`` steepness) or
+            ``"cosine"`` (ramps up from 0 to 1 as ``(1 - cos(pi * t / T)) / 2``, Flat-LoRA's schedule).
         anneal_index: exponent of the ``"anneal"`` schedule.
         tanh_scale: steepness of the ``"tanh"`` schedule.
         samples: K noisy copies per micro-batch; their gradients are averaged.
@@ -111,6 +117,11 @@ class SmoothOutConfig:
             own draw) or ``"step"`` (one draw held for the whole window and removed before clipping and
             the optimizer step: 1/accumulation of the noise cost). Read by `SmoothOutTrainer`; a plain
             loop decides this itself by where it calls ``perturb``/``restore``.
+        space: which weights get noise: ``"trainable"`` (the selected trainable parameters; with a PEFT
+            LoRA model, the adapters) or ``"lora_merged"`` (every PEFT LoRA ``Linear`` layer's effective
+            weight ``W + s*B*A``, scaled against its merged rows, while gradients reach only the adapters;
+            the base weight is never written; other trainable parameters such as a classifier head follow
+            the per-parameter rules). See `hf_smoothout.lora_merged`.
 
     Example:
         >>> SmoothOutConfig(strength=0.005, adapt="none", samples=2).to_dict()["samples"]
@@ -136,6 +147,7 @@ class SmoothOutConfig:
     seed: int | None = None
     independent_ranks: bool = True
     noise_every: NoiseEvery = "micro_batch"
+    space: Space = "trainable"
     _compiled: dict[str, tuple[re.Pattern[str], ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -157,6 +169,12 @@ class SmoothOutConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("restore", self.restore, RESTORE_MODES)
         _check_choice("noise_every", self.noise_every, NOISE_EVERY)
+        _check_choice("space", self.space, SPACES)
+        if self.space == "lora_merged" and not self.denoise:
+            raise ValueError(
+                "SmoothOutConfig: space='lora_merged' needs denoise=True: merged-space noise is never written into "
+                "the weights, so there is no noise to leave behind. Use space='trainable' for the ablation."
+            )
         for name in ("anneal_index", "tanh_scale"):
             value = _number(name, getattr(self, name))
             if not (math.isfinite(value) and value > 0.0):

@@ -47,19 +47,22 @@ import torch
 from torch import nn
 
 from .adapters.dtensor import is_dtensor, local_tensor, row_split_groups, rows_are_local
-from .config import SmoothOutConfig
+from .config import ROW_SCALED_MODES, SmoothOutConfig
+from .lora_merged import MergedSpace, adapter_parameter_ids, find_lora_layers
 from .noise import (
-    NUMPY_DTYPES,
     ROW_NORM_EPS,
+    NonFiniteNoiseError,
     add_noise_,
     draw_,
     filter_scales_,
     remove_noise_,
+    row_length,
     row_norm_buffers,
     typical_relative_noise,
 )
 from .ownership import claim, release
 from .schedules import noise_coefficient
+from .seeding import derive_seed, seeded_generator
 from .selection import SelectedParameter, select_parameters
 from .threads import StreamRunner, interrupts_deferred
 
@@ -78,10 +81,6 @@ _MIN_PARALLEL_ELEMENTS = 1 << 20
 # exceeds this factor times the last checked one (a handful of checks per run, whatever the schedule).
 _FINITE_CHECK_GROWTH = 2.0
 _SEED_LIMIT = 2**64
-
-
-class NonFiniteNoiseError(RuntimeError):
-    """The noise made finite weights non-finite (overflow): the strength is far too large."""
 
 
 @dataclass
@@ -114,32 +113,6 @@ class _Stream:
     @property
     def numel(self) -> int:
         return sum(s.data.numel() for s in self.slots)
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """One round of the SplitMix64 finalizer: a well-mixed 64-bit hash of ``x``."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(base_seed: int, rank: int, stream: int = 0, draw: int = 0) -> int:
-    """Seed of draw number ``draw`` of noise stream ``stream`` on ``rank`` (a 63-bit integer).
-
-    Example:
-        >>> derive_seed(42, rank=0) != derive_seed(42, rank=1)
-        True
-        >>> derive_seed(42, 0, stream=1, draw=5) == derive_seed(42, 0, stream=1, draw=5)
-        True
-    """
-    h = _splitmix64(int(base_seed) & _MASK64)
-    for part in (rank, stream, draw):
-        h = _splitmix64(h ^ (int(part) & _MASK64))
-    return h >> 1
 
 
 def _distributed_rank_and_size() -> tuple[int, int]:
@@ -184,7 +157,7 @@ def warn_if_implausible_strength(config: SmoothOutConfig, params: list[torch.Ten
     """
     if not config.enabled or not params:
         return False
-    if config.adapt in ("filter", "weight"):
+    if config.adapt in (*ROW_SCALED_MODES, "weight"):
         implausible, what = config.strength > 1.0, f"strength {config.strength:g} > 1 with adapt={config.adapt!r}"
     else:
         relative = typical_relative_noise(config, params)
@@ -246,9 +219,25 @@ class SmoothOut:
         self.model = model
         self.config = config
         self._selected: list[SelectedParameter] = select_parameters(model, config)
+        self._merged: MergedSpace | None = None
+        if config.space == "lora_merged":
+            layers = [
+                layer for layer in find_lora_layers(model) if config.selects_name(f"{layer.name}.base_layer.weight")
+            ]
+            if not layers:
+                raise ValueError(
+                    "SmoothOut: space='lora_merged' found no PEFT LoRA Linear layer in the model (or include/exclude "
+                    "left none). Wrap the model with peft.get_peft_model(model, LoraConfig(...)) first, or use "
+                    "space='trainable'."
+                )
+            adapters = adapter_parameter_ids(layers)
+            self._selected = [s for s in self._selected if id(s.param) not in adapters]
+            if config.enabled:
+                self._merged = MergedSpace(layers)
         sharded = [s for s in self._selected if is_dtensor(s.param)]
         split = [s.name for s in sharded if not rows_are_local(s.param, s.row_axis)]
-        if split and config.enabled and config.adapt == "filter" and not (config.denoise and config.restore == "copy"):
+        copy_restore = config.denoise and config.restore == "copy"
+        if split and config.enabled and config.adapt in ROW_SCALED_MODES and not copy_restore:
             raise ValueError(
                 f"SmoothOut: {split[0]!r} is sharded across its rows (e.g. GPT-2's Conv1D, stored [in, out], under "
                 "FSDP2's Shard(0)); per-row scaling (adapt='filter') of split rows all-reduces the row norms, which "
@@ -280,18 +269,30 @@ class SmoothOut:
     # ------------------------------------------------------------------ introspection
     @property
     def parameter_names(self) -> list[str]:
-        """Names of the parameters that receive noise."""
+        """Names of the parameters that receive noise in place (``space="lora_merged"``: not the LoRA layers)."""
         return [s.name for s in self._selected]
 
     @property
+    def merged_layer_names(self) -> list[str]:
+        """Names of the LoRA layers whose merged weight receives noise (``space="lora_merged"``), else empty."""
+        return [layer.name for layer in self._merged.layers] if self._merged is not None else []
+
+    @property
+    def merged_space(self) -> MergedSpace | None:
+        """The LoRA merged-space noise (``space="lora_merged"`` and strength > 0), else ``None``."""
+        return self._merged
+
+    @property
     def parameters(self) -> list[nn.Parameter]:
-        """The parameters that receive noise."""
-        return [s.param for s in self._selected]
+        """The parameters that receive noise (with ``space="lora_merged"``, the LoRA layers' base weights too)."""
+        merged = [layer.weight for layer in self._merged.layers] if self._merged is not None else []
+        return [s.param for s in self._selected] + merged
 
     @property
     def num_parameters(self) -> int:
         """Number of scalar weights that receive noise."""
-        return sum(s.param.numel() for s in self._selected)
+        merged = self._merged.num_parameters if self._merged is not None else 0
+        return sum(s.param.numel() for s in self._selected) + merged
 
     @property
     def is_perturbed(self) -> bool:
@@ -305,8 +306,9 @@ class SmoothOut:
 
     @property
     def buffer_bytes(self) -> int:
-        """Bytes held by this engine's buffers (backups, scratch, per-row vectors)."""
-        return sum(t.numel() * t.element_size() for t in self._buffers())
+        """Bytes held by this engine's buffers (backups, scratch, per-row vectors, merged-space scratch)."""
+        merged = self._merged.buffer_bytes if self._merged is not None else 0
+        return sum(t.numel() * t.element_size() for t in self._buffers()) + merged
 
     def _buffers(self) -> list[torch.Tensor]:
         tensors = [t for bufs in self._scratch.values() for t in bufs]
@@ -347,7 +349,7 @@ class SmoothOut:
             slot = _Slot(sel.name, p, sel.row_axis, local_tensor(p), sel.module, sel.local_name)
             if enabled and self._uses_backup():
                 slot.backup = torch.empty_like(slot.data, memory_format=torch.contiguous_format)
-            if enabled and self.config.adapt == "filter":
+            if enabled and self.config.adapt in ROW_SCALED_MODES:
                 slot.norms = row_norm_buffers(slot.data, sel.row_axis)
                 slot.reduce_groups = row_split_groups(p, sel.row_axis)
             groups.setdefault((p.device, p.dtype, bool(slot.reduce_groups)), []).append(slot)
@@ -371,7 +373,7 @@ class SmoothOut:
                 self._copy_groups.append(([s.data for s in slots], [s.backup for s in slots]))  # type: ignore[misc]
             if enabled and not self._uses_backup():
                 total = sum(s.data.numel() for s in slots)
-                largest_row = max(_row_block(s.data, s.row_axis) for s in slots)
+                largest_row = max(row_length(s.data, s.row_axis) for s in slots)
                 size = max(
                     largest_row, min(_MAX_SCRATCH_ELEMENTS, max(_MIN_SCRATCH_ELEMENTS, total // _SCRATCH_FRACTION))
                 )
@@ -458,24 +460,30 @@ class SmoothOut:
             raise RuntimeError("SmoothOut.perturb called twice without restore(); the weights are already perturbed.")
         strength = self.strength_at(step, total_steps)
         self._current_strength = strength
-        self._noop = strength == 0.0 or not self._selected
+        self._noop = strength == 0.0 or (not self._selected and self._merged is None)
         if self._noop:
             self._perturbed = True
             return strength
         with interrupts_deferred() as interrupt:  # Ctrl-C during perturb: restore, then raise it
             self._check_bindings()
-            claim(((slot.name, slot.param) for slot in self._slots), self)
+            claim(self._claimed_parameters(), self)
             try:
                 self._perturb_claimed(strength)
             except BaseException:
                 if self._perturbed:
                     self.restore()
                 else:
-                    release((slot.param for slot in self._slots), self)
+                    release((param for _, param in self._claimed_parameters()), self)
                 raise
             if interrupt.pending:
                 self.restore()
         return strength
+
+    def _claimed_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        claimed = [(slot.name, slot.param) for slot in self._slots]
+        if self._merged is not None:
+            claimed += [(f"{layer.name}.base_layer.weight", layer.weight) for layer in self._merged.layers]
+        return claimed
 
     def _perturb_claimed(self, strength: float) -> None:
         with torch.no_grad():
@@ -498,6 +506,16 @@ class SmoothOut:
                 self._run_streams(
                     lambda stream, worker: self._perturb_chunks(stream, worker, strength), cancellable=True
                 )
+            if self._merged is not None:
+                self._merged.arm(
+                    adapt=self.config.adapt,
+                    distribution=self.config.distribution,
+                    strength=strength,
+                    base_seed=self.base_seed,
+                    rank=self._noise_rank,
+                    draw=self._draws,
+                    check_finite=check_finite,
+                )
             if clean_finite:
                 if not self._all_finite():
                     raise NonFiniteNoiseError(
@@ -509,12 +527,10 @@ class SmoothOut:
 
     def _seed_stream(self, stream: _Stream) -> None:
         seed = derive_seed(self.base_seed, self._noise_rank, stream.stream_id, self._draws)
-        if stream.device.type == "cpu" and stream.dtype in NUMPY_DTYPES and self.config.distribution == "uniform":
-            # numpy's PCG64 fills uniform float32 faster than torch's mt19937 (2.0 vs 3.0 ms per 1.46M); its
-            # float32 normals are slower than torch's normal_ (11.2 vs 3.4 ms), so Gaussian noise stays on torch.
-            stream.generator = np.random.Generator(np.random.PCG64(seed))
-        else:
-            stream.generator.manual_seed(seed)
+        torch_generator = stream.generator if isinstance(stream.generator, torch.Generator) else None
+        stream.generator = seeded_generator(
+            seed, stream.device, stream.dtype, self.config.distribution, torch_generator
+        )
 
     def _draw_stream(self, stream: _Stream, worker: int) -> None:
         """Fill every parameter of ``stream`` with raw draws ``u`` (the clean values are in the backups)."""
@@ -524,7 +540,7 @@ class SmoothOut:
     def _apply_noise(self, strength: float) -> None:
         """``param = backup + multiplier * u`` for every slot, ``u`` being what `_draw_stream` left in it."""
         cfg = self.config
-        if cfg.adapt != "filter":
+        if cfg.adapt not in ROW_SCALED_MODES:
             for slot in self._slots:
                 assert slot.backup is not None
                 add_noise_(
@@ -534,7 +550,8 @@ class SmoothOut:
         for slots in self._slot_groups:
             if slots and slots[0].reduce_groups:  # rows split across ranks: same order on every rank
                 for slot in slots:
-                    torch.addcmul(slot.backup, slot.data, _split_row_scale(slot, slot.data, strength), out=slot.data)
+                    scale = _split_row_scale(slot, slot.data, strength, normalize=cfg.adapt == "filter")
+                    torch.addcmul(slot.backup, slot.data, scale, out=slot.data)
                 continue
             scales = filter_scales_(
                 [slot.backup for slot in slots],  # type: ignore[misc]
@@ -542,6 +559,7 @@ class SmoothOut:
                 strength,
                 [slot.row_axis for slot in slots],
                 [slot.norms for slot in slots],  # type: ignore[misc]
+                normalize=cfg.adapt == "filter",
             )
             for slot, scale in zip(slots, scales, strict=True):
                 torch.addcmul(slot.backup, slot.data, scale, out=slot.data)
@@ -567,6 +585,8 @@ class SmoothOut:
         if not self._perturbed:
             return
         with interrupts_deferred():  # Ctrl-C waits until the weights are clean and the state says so
+            if self._merged is not None:
+                self._merged.disarm()  # nothing to undo: merged-space noise never touches a weight
             if not self._noop and self.config.denoise:
                 with torch.no_grad():
                     if self._uses_backup():
@@ -576,7 +596,7 @@ class SmoothOut:
                         self._run_streams(self._regenerate_and_remove)
             self._perturbed = False
             if not self._noop:
-                release((slot.param for slot in self._slots), self)
+                release((param for _, param in self._claimed_parameters()), self)
             self._draws += 1
 
     def _regenerate_and_remove(self, stream: _Stream, worker: int) -> None:
@@ -687,6 +707,16 @@ class SmoothOut:
         if self._runner is not None:
             self._runner.close()
 
+    def detach(self) -> None:
+        """Remove the merged-space forward wrappers from the model's LoRA layers (``space="lora_merged"``).
+
+        The layers compute exactly as before the engine was built; this engine cannot perturb them again.
+        """
+        if self._perturbed:
+            raise RuntimeError("SmoothOut.detach() while the weights are perturbed; call restore() first.")
+        if self._merged is not None:
+            self._merged.close()
+
 
 def validate_state(state: Any) -> None:
     """Raise ``ValueError`` unless ``state`` is a SmoothOut noise state (as `SmoothOut.state_dict` returns).
@@ -711,8 +741,9 @@ def validate_state(state: Any) -> None:
             )
 
 
-def _split_row_scale(slot: _Slot, draw: torch.Tensor, strength: float) -> torch.Tensor:
-    """AdaSmoothOut's per-row multiplier for rows split across ranks: partial squared norms all-reduced first."""
+def _split_row_scale(slot: _Slot, draw: torch.Tensor, strength: float, *, normalize: bool = True) -> torch.Tensor:
+    """The per-row multiplier of ``filter`` (``normalize``) or ``filter_std`` for rows split across ranks: partial
+    squared norms all-reduced first."""
     assert slot.backup is not None and slot.norms is not None
     scale, draw_norm = slot.norms
     dims = tuple(d for d in range(slot.backup.ndim) if d != slot.row_axis)
@@ -722,13 +753,10 @@ def _split_row_scale(slot: _Slot, draw: torch.Tensor, strength: float) -> torch.
     for group in slot.reduce_groups:
         torch.distributed.all_reduce(both, group=group)
     torch.sqrt(both[0], out=scale)
+    if not normalize:  # filter_std: the row length of the whole (global) row
+        return scale.mul_(strength / math.sqrt(row_length(slot.param, slot.row_axis)))
     torch.sqrt(both[1], out=draw_norm)
     return scale.div_(draw_norm.add_(ROW_NORM_EPS)).mul_(strength)
-
-
-def _row_block(param: torch.Tensor, row_axis: int) -> int:
-    """Elements in one output row of ``param``."""
-    return param.numel() // max(1, param.shape[row_axis]) if param.ndim > 1 else 1
 
 
 def _chunks(
@@ -748,7 +776,7 @@ def _chunks(
             continue
         axis = slot.row_axis if weight.ndim > 1 else 0
         rows = weight.shape[axis]
-        rows_per_chunk = max(1, capacity // _row_block(weight, axis))
+        rows_per_chunk = max(1, capacity // row_length(weight, axis))
         for start in range(0, rows, rows_per_chunk):
             length = min(rows_per_chunk, rows - start)
             weight_chunk = weight.narrow(axis, start, length)

@@ -6,7 +6,9 @@ The three scalings of the method, for a raw draw ``u ~ U(-1, 1)`` (or ``N(0, 1)`
 * ``weight`` -- ``tau = a * w * u`` (element-wise; ``u`` is symmetric, so this has the law of
   ``a * |w| * u``, and ``|tau| <= a * |w|`` for uniform ``u``);
 * ``filter`` -- AdaSmoothOut: per output row, ``tau_row = a * ||w_row|| * u_row / (||u_row|| + 1e-6)``,
-  so every row's noise vector has L2 norm ``a * ||w_row||``.
+  so every row's noise vector has L2 norm ``a * ||w_row||``;
+* ``filter_std`` -- per output row of ``n`` elements, ``tau_row = a * ||w_row|| / sqrt(n) * u_row`` (the
+  draw is not normalized: with Gaussian ``u`` that is Flat-LoRA's law, row norm about ``a * ||w_row||``).
 
 Each law is applied as one fused pass (``out = w + multiplier * u``, via ``torch.add``/``addcmul``).
 
@@ -30,6 +32,10 @@ import numpy as np
 import torch
 
 ROW_NORM_EPS = 1e-6
+
+
+class NonFiniteNoiseError(RuntimeError):
+    """The noise made finite weights non-finite (overflow): the strength is far too large."""
 
 
 NUMPY_DTYPES = (torch.float32, torch.float64)
@@ -97,10 +103,22 @@ def row_norms_(tensor: torch.Tensor, row_axis: int, out: torch.Tensor) -> torch.
 
 
 def filter_scale_(
-    weight: torch.Tensor, draw: torch.Tensor, strength: float, row_axis: int, buffers: tuple[torch.Tensor, torch.Tensor]
+    weight: torch.Tensor,
+    draw: torch.Tensor,
+    strength: float,
+    row_axis: int,
+    buffers: tuple[torch.Tensor, torch.Tensor],
+    *,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Per-row multiplier ``a * ||w_row|| / (||u_row|| + eps)`` of AdaSmoothOut, written into ``buffers[0]``."""
-    return filter_scales_([weight], [draw], strength, [row_axis], [buffers])[0]
+    """Per-row multiplier ``a * ||w_row|| / (||u_row|| + eps)`` of AdaSmoothOut (``normalize=False``:
+    ``a * ||w_row|| / sqrt(n)``, the ``filter_std`` law), written into ``buffers[0]``."""
+    return filter_scales_([weight], [draw], strength, [row_axis], [buffers], normalize=normalize)[0]
+
+
+def row_length(tensor: torch.Tensor, row_axis: int) -> int:
+    """Elements in one output row of ``tensor`` (1 for 0-D and 1-D tensors)."""
+    return tensor.numel() // max(1, tensor.shape[row_axis]) if tensor.ndim > 1 else 1
 
 
 def filter_scales_(
@@ -109,6 +127,8 @@ def filter_scales_(
     strength: float,
     row_axes: list[int],
     buffers: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    normalize: bool = True,
 ) -> list[torch.Tensor]:
     """`filter_scale_` for many tensors at once: the per-row arithmetic runs as three ``torch._foreach_*`` ops.
 
@@ -116,6 +136,13 @@ def filter_scales_(
     plus 3 in all instead of 5 per tensor. Returns the scale buffers (``buffers[i][0]``).
     """
     scales, draw_norms = [b[0] for b in buffers], [b[1] for b in buffers]
+    if not normalize:
+        for weight, axis, scale in zip(weights, row_axes, scales, strict=True):
+            row_norms_(weight, axis, out=scale)
+        if scales:
+            factors = [strength / math.sqrt(row_length(w, axis)) for w, axis in zip(weights, row_axes, strict=True)]
+            torch._foreach_mul_(scales, factors)
+        return scales
     for weight, draw, axis, scale, draw_norm in zip(weights, draws, row_axes, scales, draw_norms, strict=True):
         row_norms_(weight, axis, out=scale)
         row_norms_(draw, axis, out=draw_norm)
@@ -140,7 +167,7 @@ def add_noise_(
 
     ``out`` may be ``draw`` itself (noise drawn straight into the parameter, ``weight`` its backup)
     or ``weight`` itself (noise drawn into a scratch buffer). Returns the per-row scale for
-    ``filter`` (needed to rebuild the same noise later), else ``None``.
+    ``filter``/``filter_std`` (needed to rebuild the same noise later), else ``None``.
     """
     if adapt == "none":
         torch.add(weight, draw, alpha=strength, out=out)
@@ -148,13 +175,13 @@ def add_noise_(
     if adapt == "weight":
         torch.addcmul(weight, draw, weight, value=strength, out=out)
         return None
-    if adapt == "filter":
+    if adapt in ("filter", "filter_std"):
         if norm_buffers is None:
-            raise ValueError("adapt='filter' needs norm_buffers (see row_norm_buffers).")
-        scale = filter_scale_(weight, draw, strength, row_axis, norm_buffers)
+            raise ValueError(f"adapt={adapt!r} needs norm_buffers (see row_norm_buffers).")
+        scale = filter_scale_(weight, draw, strength, row_axis, norm_buffers, normalize=adapt == "filter")
         torch.addcmul(weight, draw, scale, out=out)
         return scale
-    raise ValueError(f"Unknown adapt mode {adapt!r}; allowed: filter, none, weight.")
+    raise ValueError(f"Unknown adapt mode {adapt!r}; allowed: filter, filter_std, none, weight.")
 
 
 def remove_noise_(
@@ -174,17 +201,18 @@ def remove_noise_(
         return noisy.add_(draw, alpha=-strength)
     if adapt == "weight":
         return noisy.div_(draw.mul_(strength).add_(1.0))
-    if adapt == "filter":
+    if adapt in ("filter", "filter_std"):
         if row_scale is None:
-            raise ValueError("adapt='filter' needs the row_scale returned by add_noise_.")
+            raise ValueError(f"adapt={adapt!r} needs the row_scale returned by add_noise_.")
         return noisy.addcmul_(draw, row_scale, value=-1.0)
-    raise ValueError(f"Unknown adapt mode {adapt!r}; allowed: filter, none, weight.")
+    raise ValueError(f"Unknown adapt mode {adapt!r}; allowed: filter, filter_std, none, weight.")
 
 
 def typical_relative_noise(config: Any, params: list[torch.Tensor]) -> float:
     """Typical ``|tau_i| / |w_i|`` of one draw at the peak strength (median over weights, roughly).
 
-    ``filter``: about ``a``; ``weight``: ``a * E|u|``; ``none``: ``a / rms(w)`` of the median parameter.
+    ``filter``: about ``a``; ``weight`` and ``filter_std``: ``a * E|u|``; ``none``: ``a / rms(w)`` of the median
+    parameter.
     ``config`` is a `SmoothOutConfig` (``strength``, ``adapt`` and ``distribution`` are read).
 
     Example:
@@ -195,7 +223,7 @@ def typical_relative_noise(config: Any, params: list[torch.Tensor]) -> float:
     mean_abs_u = 0.5 if config.distribution == "uniform" else math.sqrt(2.0 / math.pi)
     if config.adapt == "filter":
         return config.strength * mean_abs_u * math.sqrt(3.0 if config.distribution == "uniform" else 1.0)
-    if config.adapt == "weight":
+    if config.adapt in ("weight", "filter_std"):
         return config.strength * mean_abs_u
     ratios = []
     for p in params:

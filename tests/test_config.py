@@ -12,7 +12,7 @@ from hf_smoothout import SmoothOutConfig
         ({"strength": "big"}, "strength"),
         ({"adapt": "row"}, "adapt"),
         ({"distribution": "laplace"}, "distribution"),
-        ({"schedule": "cosine"}, "schedule"),
+        ({"schedule": "linear"}, "schedule"),
         ({"restore": "subtract"}, "restore"),
         ({"samples": 0}, "samples"),
         ({"samples": 1.5}, "samples"),
@@ -30,7 +30,7 @@ def test_invalid_values_raise_with_field_name(kwargs, message):
 
 
 def test_error_lists_allowed_values():
-    with pytest.raises(ValueError, match="filter, none, weight"):
+    with pytest.raises(ValueError, match="filter, filter_std, none, weight"):
         SmoothOutConfig(adapt="rows")
 
 

@@ -8,6 +8,7 @@ from conftest import TinyClassifier, assert_params_equal, clone_params
 from torch import nn
 
 from hf_smoothout import SmoothOut, SmoothOutConfig
+from hf_smoothout.config import ADAPT_MODES
 
 
 def test_perturbed_context_restores_on_exception(tiny_model):
@@ -44,7 +45,7 @@ def test_double_perturb_is_refused(tiny_model):
     engine.restore()  # idempotent
 
 
-@pytest.mark.parametrize("adapt", ["filter", "none", "weight"])
+@pytest.mark.parametrize("adapt", ADAPT_MODES)
 def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch, adapt):
     import hf_smoothout.engine as engine_module
 
@@ -66,7 +67,7 @@ def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch, ada
     assert_params_equal(tiny_model, clean)
 
 
-@pytest.mark.parametrize("adapt", ["filter", "none", "weight"])
+@pytest.mark.parametrize("adapt", ADAPT_MODES)
 def test_regenerate_failure_while_drawing_is_undone(tiny_model, monkeypatch, adapt):
     import hf_smoothout.engine as engine_module
 
@@ -177,7 +178,7 @@ def test_memory_copy_is_one_parameter_copy_and_regenerate_is_small():
     assert regen.buffer_bytes - row_bytes <= 0.02 * param_bytes
 
 
-@pytest.mark.parametrize("adapt", ["filter", "none", "weight"])
+@pytest.mark.parametrize("adapt", ADAPT_MODES)
 def test_regenerate_drift_is_rounding_only(adapt):
     torch.manual_seed(0)
     model = nn.Linear(64, 64)
@@ -207,7 +208,7 @@ def _big_model() -> nn.Module:
 
 
 @pytest.mark.parametrize("restore", ["copy", "regenerate"])
-@pytest.mark.parametrize("adapt", ["filter", "none", "weight"])
+@pytest.mark.parametrize("adapt", ADAPT_MODES)
 def test_noise_does_not_depend_on_thread_count(restore, adapt):
     """Large CPU models draw their noise streams on worker threads; the noise must be the same."""
     results = []

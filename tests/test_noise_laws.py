@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_smoothout import SmoothOut, SmoothOutConfig
+from hf_smoothout.config import SCHEDULES
 
 
 class ZooModel(nn.Module):
@@ -89,6 +90,23 @@ def test_filter_rows_have_noise_norm_a_times_row_norm(zoo, restore, distribution
         assert torch.count_nonzero(noise[name]) == 0, name
 
 
+@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+def test_filter_std_rows_scale_the_raw_draw_by_the_row_rms(zoo, restore):
+    """filter_std: tau = a * ||w_row|| / sqrt(n) * u, so tau / (a * rms(w_row)) is the raw U(-1, 1) draw."""
+    a = 0.05
+    noise, clean, _ = draw(zoo, SmoothOutConfig(strength=a, adapt="filter_std", restore=restore, seed=2))
+    for name, dims in ROW_DIMS.items():
+        weight = clean[name].double()
+        n = weight.numel() // weight.shape[next(d for d in range(weight.ndim) if d not in dims)]
+        rms = torch.linalg.vector_norm(weight, dim=dims, keepdim=True) / n**0.5
+        u = noise[name] / (a * rms)
+        assert float(u.abs().max()) <= 1 + 1e-4 and float(u.abs().max()) > 0.5, name
+        if weight.numel() >= 200:  # uniform: E u^2 = 1/3
+            assert abs(float(u.pow(2).mean()) - 1 / 3) < 0.05, name
+    for name in UNTOUCHED:
+        assert torch.count_nonzero(noise[name]) == 0, name
+
+
 def test_conv1d_rows_are_output_columns(zoo):
     """For GPT-2's Conv1D ([in, out]) the row-wise law must hold per column, not per stored row."""
     a = 0.05
@@ -165,7 +183,7 @@ def test_tied_weights_perturbed_once():
     assert torch.equal(model[0].weight, clean)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "anneal", "tanh"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_schedule_scales_the_noise(schedule):
     torch.manual_seed(0)
     model = nn.Linear(50, 40)

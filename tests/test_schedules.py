@@ -29,6 +29,17 @@ def test_tanh_values_ramp_up(step, expected):
     assert noise_coefficient("tanh", step, total_steps=100, tanh_scale=10.0) == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("step", [0, 10, 50, 90, 100, 130])
+def test_cosine_ramps_from_zero_to_one_like_flat_lora(step):
+    expected = 0.5 * (1 - math.cos(min(step, 100) / 100 * math.pi))  # Flat-LoRA's factor, held at 1 past the end
+    assert noise_coefficient("cosine", step, total_steps=100) == pytest.approx(expected, abs=1e-15)
+
+
+def test_cosine_needs_total_steps():
+    with pytest.raises(ValueError, match="total_steps"):
+        noise_coefficient("cosine", 3)
+
+
 def test_tanh_needs_total_steps():
     with pytest.raises(ValueError, match="total_steps"):
         noise_coefficient("tanh", 3)
@@ -36,6 +47,6 @@ def test_tanh_needs_total_steps():
 
 def test_unknown_schedule_and_negative_step():
     with pytest.raises(ValueError, match="Unknown schedule"):
-        noise_coefficient("cosine", 3)
+        noise_coefficient("linear", 3)
     with pytest.raises(ValueError, match="step"):
         noise_coefficient("constant", -1)

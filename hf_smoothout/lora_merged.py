@@ -1,0 +1,457 @@
+"""SmoothOut in the merged weight space of PEFT LoRA layers (Flat-LoRA style), exact and without a base copy.
+
+A LoRA ``Linear`` layer computes with the effective weight ``W' = W + sum_k s_k B_k A_k`` (``W`` frozen, the
+adapters ``A_k``, ``B_k`` trained). With ``space="lora_merged"`` the noise ``tau`` of the configured law is
+scaled against ``W'`` (for ``adapt="filter"``: every output row of ``tau`` has L2 norm ``a * ||W'_row||``)
+and the layer computes at ``W' + tau``, while the gradient still reaches only the adapters (and a trainable
+bias), as if ``W`` itself had been perturbed.
+
+``W`` is never written. While noise is armed, the base layer's forward builds ``W + tau`` in a scratch
+buffer shared by all layers, multiplies, and lets the buffer go; its backward regenerates the same ``tau``
+from the draw's seed (the per-row scale is kept, a vector per layer) to compute the input gradient. The
+frozen base weights are therefore bit-identical after every step by construction, and the extra memory is
+a few buffers the size of the largest LoRA layer, not a copy of the model. The forward and the backward
+each cost one fill of random numbers and two element-wise passes per layer; no matmul is added.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from hf_smoothout import SmoothOut, SmoothOutConfig
+    >>> model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+    ...                        LoraConfig(r=2, target_modules=["0", "2"]))
+    >>> base = model.base_model.model[0].base_layer.weight.detach().clone()
+    >>> engine = SmoothOut(model, SmoothOutConfig(strength=0.05, space="lora_merged", seed=0))
+    >>> engine.merged_layer_names
+    ['base_model.model.0', 'base_model.model.2']
+    >>> with engine.perturbed():
+    ...     model(torch.randn(4, 8)).sum().backward()
+    >>> torch.equal(model.base_model.model[0].base_layer.weight, base)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters.dtensor import is_dtensor
+from .noise import ROW_NORM_EPS, NonFiniteNoiseError, draw_, row_norms_
+from .seeding import derive_seed, seeded_generator
+
+MERGED_STREAM_OFFSET = 1 << 32
+"""Stream ids of merged-space layers start here (index in model order added), apart from the engine's own."""
+
+_QUANTIZED_MODULES = ("bnb", "gptq", "awq", "hqq", "eetq", "torchao", "aqlm", "inc")
+_ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def _peft_lora() -> Any:
+    try:
+        from peft.tuners import lora
+    except ImportError as err:  # pragma: no cover - peft is what makes a model a LoRA model
+        raise ImportError("space='lora_merged' needs PEFT: pip install peft") from err
+    return lora
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+@dataclass
+class MergedLayer:
+    """One PEFT LoRA ``Linear`` layer whose merged weight gets noise."""
+
+    name: str
+    module: nn.Module  # the peft LoRA layer
+    base: nn.Module  # its base layer (nn.Linear, or transformers' Conv1D with fan_in_fan_out)
+    index: int  # position in model order: part of the draw's seed
+    row_axis: int  # output axis of base.weight: 0 for nn.Linear ([out, in]), 1 for Conv1D ([in, out])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The layer's LoRA parameters (they follow the merged-space noise, not the parameter rules)."""
+        params = []
+        for attr in _ADAPTER_PARAMETER_NAMES:
+            container = getattr(self.module, attr, None)
+            if isinstance(container, nn.Module):
+                params.extend(container.parameters())
+            elif isinstance(container, nn.ParameterDict):
+                params.extend(container.values())
+        return params
+
+
+def find_lora_layers(model: nn.Module) -> list[MergedLayer]:
+    """The PEFT LoRA ``Linear`` layers of ``model``, in model order; anything the merged space cannot handle
+    exactly is refused with a ``ValueError`` that says what to do.
+
+    Example:
+        >>> from torch import nn
+        >>> find_lora_layers(nn.Linear(2, 2))
+        []
+    """
+    lora = _peft_lora()
+    layers: list[MergedLayer] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, lora.LoraLayer):
+            continue
+        kind = type(module).__name__
+        if type(module) is not lora.Linear:
+            quantized = any(word in type(module).__module__ for word in _QUANTIZED_MODULES)
+            weight = getattr(getattr(module, "base_layer", None), "weight", None)
+            if quantized or (isinstance(weight, torch.Tensor) and not weight.is_floating_point()):
+                raise ValueError(
+                    f"space='lora_merged': {name!r} is a LoRA layer on a quantized base ({kind}, QLoRA-style). "
+                    "Noise in the merged weight space needs the base weight in floating point (W + tau cannot be "
+                    "formed in a 4/8-bit format). Use space='trainable' (noise on the adapters only) for "
+                    "quantized bases, or load the base in bf16/fp32."
+                )
+            raise ValueError(
+                f"space='lora_merged' supports LoRA on Linear layers (and GPT-2's Conv1D); {name!r} is a {kind}. "
+                "Restrict LoraConfig.target_modules to linear layers, or use space='trainable'."
+            )
+        base = module.get_base_layer()
+        if not isinstance(base, nn.Linear) and not _is_transformers_conv1d(base):
+            raise ValueError(
+                f"space='lora_merged': the base layer of {name!r} is a {type(base).__name__}, not nn.Linear or "
+                "transformers' Conv1D. Use space='trainable' for this model."
+            )
+        weight = base.weight
+        if is_dtensor(weight):
+            raise ValueError(
+                f"space='lora_merged': {name!r} has a sharded (FSDP2/DTensor) base weight, which the merged space "
+                "does not support. Use space='trainable' under FSDP2, or DDP."
+            )
+        if not weight.is_floating_point():
+            raise ValueError(
+                f"space='lora_merged': {name!r} has a non-floating base weight ({weight.dtype}, a QLoRA-style "
+                "quantized base?). Noise in the merged weight space needs the base weight in floating point. Use "
+                "space='trainable' (noise on the adapters only), or load the base in bf16/fp32."
+            )
+        if weight.requires_grad:
+            raise ValueError(
+                f"space='lora_merged': the base weight of {name!r} is trainable. The merged space computes the "
+                "input gradient only (the base must stay frozen, as LoRA trains it); freeze it, or use "
+                "space='trainable'."
+            )
+        variants = getattr(module, "lora_variant", {}) or {}
+        if variants or any(getattr(module, "use_dora", {}).get(a, False) for a in module.lora_A):
+            raise ValueError(
+                f"space='lora_merged': {name!r} uses a LoRA variant ({', '.join(variants) or 'DoRA'}), whose "
+                "effective weight is not W + s*B*A. Use plain LoRA, or space='trainable'."
+            )
+        row_axis = 1 if getattr(module, "fan_in_fan_out", False) or _is_transformers_conv1d(base) else 0
+        layers.append(MergedLayer(name, module, base, len(layers), row_axis))
+    return layers
+
+
+@dataclass(frozen=True)
+class _Armed:
+    """What the armed forward passes draw: the law, the effective strength and the draw's identity."""
+
+    adapt: str
+    distribution: str
+    strength: float
+    base_seed: int
+    rank: int
+    draw: int
+    check_finite: bool
+
+
+class _Scratch:
+    """Buffers shared by every layer on one device: built lazily, grown to the largest layer seen."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def get(self, role: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (role, like.device, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < like.numel():
+            buffer = torch.empty(like.numel(), device=like.device, dtype=dtype)
+            self._buffers[key] = buffer
+        return buffer[: like.numel()].view(like.shape)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+def _merged_weight_(layer: MergedLayer, out: torch.Tensor) -> torch.Tensor:
+    """``W + sum_k s_k B_k A_k`` of the active adapters into the float32 ``out`` (base weight layout)."""
+    module = layer.module
+    out.copy_(layer.weight.detach())
+    if module.disable_adapters or module.merged:  # the base weight already is the effective weight
+        return out
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        a = module.lora_A[adapter].weight.detach().float()  # [r, in]
+        b = module.lora_B[adapter].weight.detach().float()  # [out, r]
+        scaling = float(module.scaling[adapter])
+        if layer.row_axis == 0:
+            out.addmm_(b, a, alpha=scaling)
+        else:
+            out.addmm_(a.t(), b.t(), alpha=scaling)
+    return out
+
+
+def _row_length(weight: torch.Tensor, row_axis: int) -> int:
+    return weight.numel() // max(1, weight.shape[row_axis])
+
+
+class MergedSpace:
+    """Noise on the merged weights of a model's PEFT LoRA ``Linear`` layers; the engine arms and disarms it.
+
+    Installs a forward wrapper on every base layer at construction (`close` removes them). While not armed
+    the wrapper calls the layer's own forward; while armed it computes at ``W + tau``.
+
+    Args:
+        layers: from `find_lora_layers`.
+    """
+
+    def __init__(self, layers: list[MergedLayer]) -> None:
+        self.layers = layers
+        self._armed: _Armed | None = None
+        self._scratch = _Scratch()
+        self._checked: set[int] = set()
+        for layer in layers:
+            self._install(layer)
+
+    # ------------------------------------------------------------------ wiring
+    def _install(self, layer: MergedLayer) -> None:
+        base = layer.base
+        current = base.__dict__.get("forward")
+        if isinstance(current, _MergedForward):  # an earlier engine's wrapper: take the layer over
+            current = current.inner
+        base.forward = _MergedForward(base, self, layer, current)  # found by nn.Module.__call__ before the class's
+
+    def close(self) -> None:
+        """Remove the forward wrappers (the layers compute as before the engine was built)."""
+        self._armed = None
+        for layer in self.layers:
+            wrapper = layer.base.__dict__.get("forward")
+            if isinstance(wrapper, _MergedForward) and wrapper.space is self:
+                if wrapper.inner is not None:
+                    layer.base.forward = wrapper.inner
+                else:
+                    del layer.base.forward
+
+    @property
+    def attached(self) -> bool:
+        """Whether every layer still runs this space's forward wrapper."""
+        for layer in self.layers:
+            wrapper = layer.base.__dict__.get("forward")
+            if not (isinstance(wrapper, _MergedForward) and wrapper.space is self):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ arming
+    def arm(
+        self,
+        *,
+        adapt: str,
+        distribution: str,
+        strength: float,
+        base_seed: int,
+        rank: int,
+        draw: int,
+        check_finite: bool,
+    ) -> None:
+        """From now on forward passes compute at ``W' + tau`` for draw ``draw``."""
+        if not self.attached:
+            raise RuntimeError(
+                "SmoothOut: this engine's forward wrappers were removed from the model's LoRA layers (detach(), or "
+                "a newer engine took them over; space='lora_merged'), so it can no longer perturb them. Use the "
+                "newest engine, or build a new one."
+            )
+        for layer in self.layers:
+            if layer.module.get_base_layer() is not layer.base:
+                raise RuntimeError(
+                    f"SmoothOut: the LoRA layer {layer.name!r} holds another base layer than when the engine was "
+                    "built (space='lora_merged'). Build a new SmoothOut(model, config) after changing the model."
+                )
+        self._checked.clear()
+        self._armed = _Armed(adapt, distribution, strength, base_seed, rank, draw, check_finite)
+
+    def disarm(self) -> None:
+        """Forward passes compute at the clean weights again (nothing to restore: no weight was written)."""
+        self._armed = None
+
+    @property
+    def is_armed(self) -> bool:
+        return self._armed is not None
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the scratch buffers (a few times the largest layer)."""
+        return self._scratch.nbytes
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(layer.weight.numel() for layer in self.layers)
+
+    # ------------------------------------------------------------------ the noisy weight
+    def _draw(self, layer: MergedLayer, armed: _Armed, like: torch.Tensor) -> torch.Tensor:
+        u = self._scratch.get("draw", like, torch.float32)
+        seed = derive_seed(armed.base_seed, armed.rank, MERGED_STREAM_OFFSET + layer.index, armed.draw)
+        generator = seeded_generator(seed, u.device, u.dtype, armed.distribution, self._scratch.generator(u.device))
+        return draw_(u, armed.distribution, generator)
+
+    def noisy_weight(
+        self, layer: MergedLayer, armed: _Armed, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W + tau`` in the layer's dtype (a scratch view valid until the next call) and the per-row scale.
+
+        ``scale`` from an earlier call for the same draw skips the merged-weight norms: the backward pass
+        rebuilds exactly the forward's tensor that way.
+        """
+        weight = layer.weight.detach()
+        u = self._draw(layer, armed, weight)
+        # float32 bases build W + tau in the merged-weight buffer (its norms are taken by then): 2 buffers, not 3
+        role = "merged" if weight.dtype == torch.float32 else "noisy"
+        noisy = self._scratch.get(role, weight, weight.dtype)
+        a = armed.strength
+        if armed.adapt == "none":
+            torch.add(weight, u, alpha=a, out=noisy)
+            return noisy, None
+        if armed.adapt == "weight":
+            merged = _merged_weight_(layer, self._scratch.get("merged", weight, torch.float32))
+            torch.add(weight, merged.mul_(u), alpha=a, out=noisy)  # W + a * W' * u
+            return noisy, None
+        if scale is None:
+            merged = _merged_weight_(layer, self._scratch.get("merged", weight, torch.float32))
+            shape = [1] * weight.ndim
+            shape[layer.row_axis] = weight.shape[layer.row_axis]
+            row_norm = torch.empty(shape, device=weight.device, dtype=torch.float32)
+            row_norms_(merged, layer.row_axis, out=row_norm)
+            if armed.adapt == "filter":
+                draw_norm = torch.empty_like(row_norm)
+                row_norms_(u, layer.row_axis, out=draw_norm)
+                scale = row_norm.div_(draw_norm.add_(ROW_NORM_EPS)).mul_(a)
+            elif armed.adapt == "filter_std":
+                scale = row_norm.mul_(a / math.sqrt(_row_length(weight, layer.row_axis)))
+            else:
+                raise ValueError(f"Unknown adapt mode {armed.adapt!r}.")
+        torch.addcmul(weight, u, scale, out=noisy)
+        return noisy, scale
+
+    def noisy_weights(self) -> dict[str, torch.Tensor]:
+        """What the armed forward passes compute with: ``W + tau`` per layer name, as new tensors (for
+        inspection and tests; each allocates a copy). Empty when not armed.
+
+        Example:
+            >>> import torch
+            >>> from peft import LoraConfig, get_peft_model
+            >>> from hf_smoothout import SmoothOut, SmoothOutConfig
+            >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(target_modules=["0"]))
+            >>> engine = SmoothOut(model, SmoothOutConfig(strength=0.1, space="lora_merged", seed=0))
+            >>> with engine.perturbed():
+            ...     noisy = engine.merged_space.noisy_weights()["base_model.model.0"]
+            >>> base = model.base_model.model[0].base_layer.weight
+            >>> round(float((noisy - base).norm(dim=1).div(base.norm(dim=1)).mean()), 3)  # B = 0: W' = W
+            0.1
+        """
+        armed = self._armed
+        if armed is None:
+            return {}
+        return {layer.name: self.noisy_weight(layer, armed)[0].clone() for layer in self.layers}
+
+    def _check(self, layer: MergedLayer, armed: _Armed, noisy: torch.Tensor) -> None:
+        if not armed.check_finite or layer.index in self._checked:
+            return
+        self._checked.add(layer.index)
+        peak, clean_peak = (torch.linalg.vector_norm(t, ord=math.inf) for t in (noisy, layer.weight.detach()))
+        if not bool(torch.isfinite(peak)) and bool(torch.isfinite(clean_peak)):  # reductions: no layer-sized temp
+            raise NonFiniteNoiseError(
+                f"SmoothOut: noise of strength {armed.strength:g} (adapt={armed.adapt!r}, space='lora_merged') made "
+                f"the finite merged weight of {layer.name!r} non-finite: the strength is far too large."
+            )
+
+
+class _MergedForward:
+    """The base layer's forward while a `MergedSpace` is attached: the layer's own forward when not armed, the
+    noisy one when armed.
+
+    An object rather than a closure, so that a copy of the model (``copy.deepcopy``, pickling) gets a plain
+    forward of its *own* layer, never one that computes with the original's weights or noise.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        space: MergedSpace | None,
+        layer: MergedLayer | None,
+        inner: Callable[..., torch.Tensor] | None,
+    ) -> None:
+        self.base, self.space, self.layer, self.inner = base, space, layer, inner
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        armed = self.space._armed if self.space is not None else None
+        if armed is None:
+            if self.inner is not None:
+                return self.inner(x, *args, **kwargs)
+            return type(self.base).forward(self.base, x, *args, **kwargs)
+        assert self.layer is not None
+        if args or kwargs:
+            raise TypeError(
+                f"SmoothOut (space='lora_merged'): the base layer of {self.layer.name!r} was called with extra "
+                f"arguments ({len(args)} positional, {sorted(kwargs)}); the merged-space forward computes "
+                "x @ (W + tau)^T + b only. Use space='trainable' for this model."
+            )
+        return _NoisyBase.apply(x, self.base.bias, self.space, self.layer, armed)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"base": self.base, "space": None, "layer": None, "inner": self.inner}  # copies compute plainly
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class _NoisyBase(torch.autograd.Function):
+    """The base layer at ``W + tau``: forward builds it in scratch; backward rebuilds it from the seed."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, space: MergedSpace, layer: MergedLayer, armed: _Armed
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            noisy, scale = space.noisy_weight(layer, armed)
+            space._check(layer, armed, noisy)
+            matrix = noisy if layer.row_axis == 0 else noisy.t()  # [out, in]
+            out = F.linear(x, matrix, bias)
+        ctx.space, ctx.layer, ctx.armed, ctx.scale = space, layer, armed, scale
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            with torch.no_grad():
+                noisy, _ = ctx.space.noisy_weight(ctx.layer, ctx.armed, ctx.scale)
+                matrix = noisy if ctx.layer.row_axis == 0 else noisy.t()
+                grad_x = grad_out.matmul(matrix.to(grad_out.dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None, None
+
+
+def adapter_parameter_ids(layers: list[MergedLayer]) -> set[int]:
+    """``id`` of every adapter parameter of ``layers`` (left out of the engine's per-parameter noise)."""
+    return {id(p) for layer in layers for p in layer.adapter_parameters()}

@@ -1,0 +1,71 @@
+"""Where every noise draw's random numbers come from: a pure function of ``(seed, rank, stream, draw)``.
+
+Before each draw a stream's generator is seeded from `derive_seed`, so the noise does not depend on the
+thread count or on what was drawn before, a restore can regenerate a draw without saved generator states,
+and a checkpoint needs only the draw index.
+
+Example:
+    >>> import torch
+    >>> g = seeded_generator(derive_seed(7, rank=0, stream=2, draw=3), torch.device("cpu"), torch.float64, "gaussian")
+    >>> isinstance(g, torch.Generator)
+    True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .noise import NUMPY_DTYPES
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One round of the SplitMix64 finalizer: a well-mixed 64-bit hash of ``x``."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(base_seed: int, rank: int, stream: int = 0, draw: int = 0) -> int:
+    """Seed of draw number ``draw`` of noise stream ``stream`` on ``rank`` (a 63-bit integer).
+
+    Example:
+        >>> derive_seed(42, rank=0) != derive_seed(42, rank=1)
+        True
+        >>> derive_seed(42, 0, stream=1, draw=5) == derive_seed(42, 0, stream=1, draw=5)
+        True
+    """
+    h = _splitmix64(int(base_seed) & _MASK64)
+    for part in (rank, stream, draw):
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    return h >> 1
+
+
+def uses_numpy(device: torch.device, dtype: torch.dtype, distribution: str) -> bool:
+    """Whether draws for ``device``/``dtype`` come from numpy's PCG64 (uniform noise in CPU float32/float64).
+
+    numpy fills uniform float32 faster than torch's CPU mt19937 (2.0 vs 3.0 ms per 1.46M numbers); its float32
+    normals are slower than torch's ``normal_`` (11.2 vs 3.4 ms), so Gaussian noise stays on torch.
+    """
+    return device.type == "cpu" and dtype in NUMPY_DTYPES and distribution == "uniform"
+
+
+def seeded_generator(
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    distribution: str,
+    generator: torch.Generator | None = None,
+) -> torch.Generator | np.random.Generator:
+    """A generator for one draw, seeded with ``seed``: numpy's PCG64 where `uses_numpy`, else ``generator``
+    (a ``torch.Generator`` on ``device``, created when not given) re-seeded in place.
+    """
+    if uses_numpy(device, dtype, distribution):
+        return np.random.Generator(np.random.PCG64(seed))
+    if generator is None:
+        generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
