@@ -15,6 +15,8 @@ Usage:
         --output_dir out/mnli --per_device_train_batch_size 32 --smoothout_strength 0.01
     python recipes/glue.py --train_file train.csv --validation_file dev.csv --text_columns q1 q2 \\
         --label_column is_dup --output_dir out/custom
+    python recipes/glue.py --output_dir out/sst2-lora --lora_r 8 --learning_rate 1e-3 \\
+        --smoothout_space lora_merged --smoothout_strength 0.05 --smoothout_schedule cosine
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe_kit.arguments import RunOptions, recipe_parser
 from recipe_kit.batching import plan_from_arguments
 from recipe_kit.errors import RecipeError, run_cli
+from recipe_kit.lora import LoraArguments, apply_lora
 from recipe_kit.offline import hub_reachable, minilm_dir
 from recipe_kit.outputs import close_distributed, describe_environment, finish_run, mixed_precision, say
 from recipe_kit.text_data import LABELS_COLUMN, TextData, TextDataRequest, load_text_data
@@ -99,11 +102,13 @@ class DataArguments(RunOptions):
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SmoothOutTrainingArguments]:
-    """Parse the command line (or ``argv``) into the three argument dataclasses."""
-    parser = recipe_parser((ModelArguments, DataArguments, SmoothOutTrainingArguments), __doc__ or "")
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, LoraArguments, SmoothOutTrainingArguments]:
+    """Parse the command line (or ``argv``) into the four argument dataclasses."""
+    parser = recipe_parser((ModelArguments, DataArguments, LoraArguments, SmoothOutTrainingArguments), __doc__ or "")
+    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, lora_args, training_args
 
 
 # ---------------------------------------------------------------------------- model
@@ -228,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import evaluate
     from transformers import DataCollatorWithPadding, set_seed
 
-    model_args, data_args, args = parse_args(argv)
+    model_args, data_args, lora_args, args = parse_args(argv)
     check_arguments(model_args, data_args, args)
+    lora_args.check()
     plan = plan_from_arguments(args, data_args)
     say(args, describe_environment(args), plan.describe())
 
@@ -267,6 +273,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args,
         f"model: {choice.description}" + (f", {layer_note}" if layer_note else "") + f"; {num_parameters:,} params",
     )
+    model = apply_lora(model, lora_args, task_type="SEQ_CLS")
+    if lora_args.enabled:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(args, f"LoRA {lora_args.describe()}: {trainable:,} trainable parameters")
     max_length = data_args.max_seq_length
     if max_length > tokenizer.model_max_length:
         say(args, f"--max_seq_length {max_length} exceeds the model's {tokenizer.model_max_length}: using that.")
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     slug = data.info.get("slug") or (task_name or "custom")
     primary = PRIMARY_METRIC.get(data.metric_config, "accuracy")
-    arm = "smoothout" if config.enabled else "baseline"
+    arm = ("lora-" if lora_args.enabled else "") + ("smoothout" if config.enabled else "baseline")
     run_info = {
         "model_name": f"{(choice.base_model or model.config.model_type).split('/')[-1]}-{slug}-{arm}",
         "base_model": choice.base_model,
@@ -309,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "dataset": data.info,
         "task": {"type": "text-classification", "name": "Text Classification"},
         "smoothout": config.to_dict(),
+        "lora": lora_args.describe(),
         "primary_metric": f"eval_{primary}",
         "compare_to": data_args.compare_to,
         "language": ["en"],
