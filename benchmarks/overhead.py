@@ -14,6 +14,8 @@ Usage:
     python benchmarks/overhead.py --model bert-base --batch 32 --seq 128   # GPU sizes
     python benchmarks/overhead.py --model mlp --batch 128 --accumulation 32  # the authors' ghost chunks:
         # B = 4096 from 32 chunks of 128, 5x512 batch-norm MLP (1.46M params), fresh noise per chunk
+    python benchmarks/overhead.py --model minilm --batch 32 --seq 128 --lora_r 8  # PEFT LoRA on every linear
+        # layer: plain LoRA vs noise on the adapters vs space="lora_merged" (extra memory vs the frozen base)
 """
 
 from __future__ import annotations
@@ -141,12 +143,19 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=0.01)
     parser.add_argument("--arms", nargs="*", default=None, help="subset of arms to run (plain is always run)")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--lora_r", type=int, default=0, help="wrap BERT models in PEFT LoRA of this rank (0: off)")
     args = parser.parse_args()
     use_cpu = not torch.cuda.is_available()
 
     torch.manual_seed(0)
     base_model, data = build(args.model, args.batch, args.seq, args.steps * args.accumulation)
+    if args.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear")
+        base_model = get_peft_model(base_model, lora)
     param_bytes = sum(p.numel() * p.element_size() for p in base_model.parameters() if p.requires_grad)
+    frozen_bytes = sum(p.numel() * p.element_size() for p in base_model.parameters() if not p.requires_grad)
 
     arms: dict[str, tuple[type[Trainer], SmoothOutConfig | None]] = {"plain Trainer": (Trainer, None)}
     for adapt in ("filter", "none", "weight"):
@@ -161,6 +170,11 @@ def main() -> None:
         SmoothOutConfig(strength=args.strength, noise_every="step"),
     )
     arms["SAM-style two-pass"] = (SAMStyleTrainer, None)
+    if args.lora_r:
+        merged = SmoothOutConfig(strength=args.strength, space="lora_merged")
+        arms["SmoothOut lora_merged"] = (SmoothOutTrainer, merged)
+        flat = SmoothOutConfig(strength=args.strength, space="lora_merged", adapt="filter_std", distribution="gaussian")
+        arms["Flat-LoRA law lora_merged"] = (SmoothOutTrainer, flat)
     if args.arms:
         arms = {k: v for k, v in arms.items() if k == "plain Trainer" or k in args.arms}
 
@@ -208,15 +222,18 @@ def main() -> None:
         + (f" accumulation={args.accumulation}" if args.accumulation > 1 else "")
         + f" device={device} torch={torch.__version__}"
         + f" steps/arm={len(samples['plain Trainer'])} bf16={args.bf16}"
+        + (f" LoRA r={args.lora_r}, frozen base {frozen_bytes / 1e6:.1f} MB" if args.lora_r else "")
     )
-    print(f"{'arm':<30} {'median step ms':>15} {'x plain':>8} {'extra memory / params':>22}")
+    memory_header = "extra memory / base" if args.lora_r else "extra memory / params"
+    print(f"{'arm':<30} {'median step ms':>15} {'x plain':>8} {memory_header:>22}")
+    reference_bytes = frozen_bytes if args.lora_r else param_bytes
     for name in arms:
         med = statistics.median(samples[name])
         if torch.cuda.is_available():
-            extra = (max(peak[name]) - max(peak["plain Trainer"])) / param_bytes
+            extra = (max(peak[name]) - max(peak["plain Trainer"])) / reference_bytes
         else:
             engine = getattr(trainers[name], "smoothout", None)
-            extra = (engine.buffer_bytes / param_bytes) if engine is not None else 0.0
+            extra = (engine.buffer_bytes / reference_bytes) if engine is not None else 0.0
         print(f"{name:<30} {med * 1000:>15.1f} {med / plain:>8.3f} {extra:>22.4f}")
 
 
