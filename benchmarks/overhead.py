@@ -160,6 +160,10 @@ def main() -> None:
     arms: dict[str, tuple[type[Trainer], SmoothOutConfig | None]] = {"plain Trainer": (Trainer, None)}
     for adapt in ("filter", "none", "weight"):
         arms[f"SmoothOut {adapt}/copy"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, adapt=adapt))
+    arms["SmoothOut filter/no prefetch"] = (
+        SmoothOutTrainer,
+        SmoothOutConfig(strength=args.strength, adapt="filter", prefetch="never"),
+    )
     arms["SmoothOut filter/regenerate"] = (
         SmoothOutTrainer,
         SmoothOutConfig(strength=args.strength, adapt="filter", restore="regenerate"),

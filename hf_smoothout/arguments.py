@@ -105,6 +105,14 @@ class SmoothOutTrainingArguments(TrainingArguments):
             "base weights never written (Flat-LoRA style)."
         },
     )
+    smoothout_prefetch: Literal["auto", "always", "never"] = field(
+        default="auto",
+        metadata={
+            "help": "CPU, copy restore: draw the next micro-batch's random numbers on a background thread during "
+            "this one's forward/backward (same noise, +1x selected-parameter memory). auto: for at most 16.8M "
+            "selected weights on CPU when torch leaves a core free."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

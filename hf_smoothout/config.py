@@ -21,6 +21,7 @@ SCHEDULES = ("constant", "anneal", "tanh", "cosine")
 RESTORE_MODES = ("copy", "regenerate")
 NOISE_EVERY = ("micro_batch", "step")
 SPACES = ("trainable", "lora_merged")
+PREFETCH_MODES = ("auto", "always", "never")
 ROW_SCALED_MODES = ("filter", "filter_std")
 
 Adapt = Literal["filter", "filter_std", "none", "weight"]
@@ -29,6 +30,7 @@ Schedule = Literal["constant", "anneal", "tanh", "cosine"]
 Restore = Literal["copy", "regenerate"]
 NoiseEvery = Literal["micro_batch", "step"]
 Space = Literal["trainable", "lora_merged"]
+Prefetch = Literal["auto", "always", "never"]
 
 
 _SEED_LIMIT = 2**64
@@ -122,6 +124,11 @@ class SmoothOutConfig:
             weight ``W + s*B*A``, scaled against its merged rows, while gradients reach only the adapters;
             the base weight is never written; other trainable parameters such as a classifier head follow
             the per-parameter rules). See `hf_smoothout.lora_merged`.
+        prefetch: CPU only, with ``restore="copy"``: draw the next micro-batch's random numbers on a
+            background thread while the current one computes (`hf_smoothout.prefetch`; the same numbers,
+            +1x selected-parameter memory). ``"auto"``: when the selected weights are on CPU, at most 16.8M
+            (64 MiB in fp32), and torch leaves a core free (``torch.get_num_threads()`` below the cores this
+            process may use; with every core busy the background thread only competes); ``"always"``; ``"never"``.
 
     Example:
         >>> SmoothOutConfig(strength=0.005, adapt="none", samples=2).to_dict()["samples"]
@@ -148,6 +155,7 @@ class SmoothOutConfig:
     independent_ranks: bool = True
     noise_every: NoiseEvery = "micro_batch"
     space: Space = "trainable"
+    prefetch: Prefetch = "auto"
     _compiled: dict[str, tuple[re.Pattern[str], ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -170,6 +178,7 @@ class SmoothOutConfig:
         _check_choice("restore", self.restore, RESTORE_MODES)
         _check_choice("noise_every", self.noise_every, NOISE_EVERY)
         _check_choice("space", self.space, SPACES)
+        _check_choice("prefetch", self.prefetch, PREFETCH_MODES)
         if self.space == "lora_merged" and not self.denoise:
             raise ValueError(
                 "SmoothOutConfig: space='lora_merged' needs denoise=True: merged-space noise is never written into "

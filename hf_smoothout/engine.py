@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -61,13 +62,28 @@ from .noise import (
     typical_relative_noise,
 )
 from .ownership import claim, release
+from .prefetch import NoisePrefetcher
 from .schedules import noise_coefficient
 from .seeding import derive_seed, seeded_generator
 from .selection import SelectedParameter, select_parameters
 from .threads import StreamRunner, interrupts_deferred
 
 STREAMS_PER_GROUP = 8
-"""Noise streams per (device, dtype) group: fixed, so the noise never depends on the thread count."""
+"""Most noise streams per (device, dtype) group."""
+ELEMENTS_PER_STREAM = 1 << 20
+"""A group gets one stream per this many elements (1 to `STREAMS_PER_GROUP`): a function of the model alone, so
+the noise never depends on the thread count, and small models do not pay for seeding 8 generators per draw."""
+
+
+def streams_for(numel: int) -> int:
+    """Noise streams of a (device, dtype) group of ``numel`` weights.
+
+    Example:
+        >>> streams_for(1_460_000), streams_for(110_000_000)
+        (2, 8)
+    """
+    return max(1, min(STREAMS_PER_GROUP, -(-numel // ELEMENTS_PER_STREAM)))
+
 
 # Scratch buffer of the regenerate / no-denoise path, per worker: at least one whole row, at most
 # this many elements, and about 1/128 of the group's parameters in between.
@@ -76,7 +92,9 @@ _MIN_SCRATCH_ELEMENTS = 1 << 14
 _SCRATCH_FRACTION = 128
 _MAX_SCRATCH_WORKERS = 2
 # Below this many CPU elements, thread dispatch costs more than it saves.
-_MIN_PARALLEL_ELEMENTS = 1 << 20
+_MIN_PARALLEL_ELEMENTS = 1 << 22
+# prefetch="auto" draws ahead on a background thread for at most this many selected CPU weights (64 MiB fp32).
+_AUTO_PREFETCH_ELEMENTS = 1 << 24
 # A finiteness check of the noisy weights runs at the first perturb and whenever the effective strength
 # exceeds this factor times the last checked one (a handful of checks per run, whatever the schedule).
 _FINITE_CHECK_GROWTH = 2.0
@@ -113,6 +131,13 @@ class _Stream:
     @property
     def numel(self) -> int:
         return sum(s.data.numel() for s in self.slots)
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _distributed_rank_and_size() -> tuple[int, int]:
@@ -254,6 +279,8 @@ class SmoothOut:
         self._copy_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._scratch: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         self._runner: StreamRunner[_Stream] | None = None
+        self._prefetcher: NoisePrefetcher | None = None
+        self._prefetch_generators: dict[int, torch.Generator] = {}
         self._workers = 1
         # Sharded parameters: every rank holds other rows, so its shard always draws from its own rank's stream
         # (one global sample per step, whatever independent_ranks says).
@@ -312,6 +339,8 @@ class SmoothOut:
 
     def _buffers(self) -> list[torch.Tensor]:
         tensors = [t for bufs in self._scratch.values() for t in bufs]
+        if self._prefetcher is not None:
+            tensors.extend(self._prefetcher.buffers)
         for stream in self._streams:
             for slot in stream.slots:
                 tensors.extend(t for t in (slot.backup, *(slot.norms or ())) if t is not None)
@@ -360,12 +389,17 @@ class SmoothOut:
         cpu_numel = sum(
             s.data.numel() for (device, _, _), slots in groups.items() if device.type == "cpu" for s in slots
         )
-        self._workers = 1 if cpu_numel < _MIN_PARALLEL_ELEMENTS else min(self.num_threads, STREAMS_PER_GROUP)
+        cpu_streams = sum(
+            min(len(slots), streams_for(sum(s.data.numel() for s in slots)))
+            for (device, _, _), slots in groups.items()
+            if device.type == "cpu"
+        )
+        self._workers = 1 if cpu_numel < _MIN_PARALLEL_ELEMENTS else max(1, min(self.num_threads, cpu_streams))
         if enabled and not self._uses_backup():
             self._workers = min(self._workers, _MAX_SCRATCH_WORKERS)
         stream_id = 0
         for (device, dtype, collective), slots in groups.items():
-            for part in _balanced_split(slots, STREAMS_PER_GROUP):
+            for part in _balanced_split(slots, streams_for(sum(s.data.numel() for s in slots))):
                 generator = torch.Generator(device=device)
                 self._streams.append(_Stream(device, dtype, generator, stream_id, part, collective=collective))
                 stream_id += 1
@@ -382,6 +416,15 @@ class SmoothOut:
         if self._runner is not None:
             self._runner.close()
         self._runner = StreamRunner(self._workers)
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+        self._prefetcher = None
+        all_cpu = bool(self._streams) and all(s.device.type == "cpu" for s in self._streams)
+        mode = self.config.prefetch
+        spare_core = torch.get_num_threads() < _available_cores()  # measured: no gain when torch uses every core
+        wanted = mode == "always" or (mode == "auto" and spare_core and cpu_numel <= _AUTO_PREFETCH_ELEMENTS)
+        if enabled and self._uses_backup() and all_cpu and wanted:
+            self._prefetcher = NoisePrefetcher([slot.data for slot in self._slots])
 
     def _check_bindings(self) -> None:
         """Re-bind the buffers if a parameter's storage changed; refuse a parameter object that was replaced."""
@@ -497,11 +540,15 @@ class SmoothOut:
                 stream.chunks_done = 0
             self._perturbed = True
             if self._uses_backup():
-                # Random numbers on the worker threads (numpy and torch's CPU generator run one thread each and
-                # release the GIL), straight into the parameters; then the arithmetic in this thread, where torch's
-                # intra-op threads are not competing with the workers' own.
-                self._run_streams(self._draw_stream, cancellable=True)
-                self._apply_noise(strength)
+                prefetched = self._prefetcher.take(self._prefetch_tag(self._draws)) if self._prefetcher else None
+                if prefetched is None:
+                    # Random numbers on the worker threads (numpy and torch's CPU generator run one thread each and
+                    # release the GIL), straight into the parameters; then the arithmetic in this thread, where
+                    # torch's intra-op threads are not competing with the workers' own.
+                    self._run_streams(self._draw_stream, cancellable=True)
+                self._apply_noise(strength, prefetched)
+                if self._prefetcher is not None:  # the next draw, on the background thread, during this forward
+                    self._prefetcher.start(self._prefetch_tag(self._draws + 1), self._prefetch_fill(self._draws + 1))
             else:
                 self._run_streams(
                     lambda stream, worker: self._perturb_chunks(stream, worker, strength), cancellable=True
@@ -537,32 +584,56 @@ class SmoothOut:
         for slot in stream.slots:
             draw_(slot.data, self.config.distribution, stream.generator)
 
-    def _apply_noise(self, strength: float) -> None:
-        """``param = backup + multiplier * u`` for every slot, ``u`` being what `_draw_stream` left in it."""
+    def _prefetch_tag(self, draw: int) -> tuple[Any, ...]:
+        return (self.base_seed, self._noise_rank, draw, self.config.distribution)
+
+    def _prefetch_fill(self, draw: int) -> Callable[[list[torch.Tensor]], None]:
+        """Fill one buffer per slot with draw ``draw``'s raw numbers: the same as `_draw_stream` would draw."""
+        base_seed, rank, distribution = self.base_seed, self._noise_rank, self.config.distribution
+        index = {id(slot): i for i, slot in enumerate(self._slots)}
+        streams = [(stream, [index[id(slot)] for slot in stream.slots]) for stream in self._streams]
+
+        def fill(buffers: list[torch.Tensor]) -> None:
+            for stream, positions in streams:
+                seed = derive_seed(base_seed, rank, stream.stream_id, draw)
+                own = self._prefetch_generators.setdefault(stream.stream_id, torch.Generator(device=stream.device))
+                generator = seeded_generator(seed, stream.device, stream.dtype, distribution, own)
+                for position in positions:
+                    draw_(buffers[position], distribution, generator)
+
+        return fill
+
+    def _apply_noise(self, strength: float, prefetched: list[torch.Tensor] | None = None) -> None:
+        """``param = backup + multiplier * u`` for every slot, ``u`` being what `_draw_stream` left in it (or the
+        prefetched buffer of the slot)."""
         cfg = self.config
+        draws = {id(slot): slot.data for slot in self._slots}
+        if prefetched is not None:
+            draws = {id(slot): u for slot, u in zip(self._slots, prefetched, strict=True)}
         if cfg.adapt not in ROW_SCALED_MODES:
             for slot in self._slots:
                 assert slot.backup is not None
                 add_noise_(
-                    slot.data, slot.backup, slot.data, adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis
+                    slot.data, slot.backup, draws[id(slot)], adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis
                 )
             return
         for slots in self._slot_groups:
             if slots and slots[0].reduce_groups:  # rows split across ranks: same order on every rank
                 for slot in slots:
-                    scale = _split_row_scale(slot, slot.data, strength, normalize=cfg.adapt == "filter")
-                    torch.addcmul(slot.backup, slot.data, scale, out=slot.data)
+                    u = draws[id(slot)]
+                    scale = _split_row_scale(slot, u, strength, normalize=cfg.adapt == "filter")
+                    torch.addcmul(slot.backup, u, scale, out=slot.data)
                 continue
             scales = filter_scales_(
                 [slot.backup for slot in slots],  # type: ignore[misc]
-                [slot.data for slot in slots],
+                [draws[id(slot)] for slot in slots],
                 strength,
                 [slot.row_axis for slot in slots],
                 [slot.norms for slot in slots],  # type: ignore[misc]
                 normalize=cfg.adapt == "filter",
             )
             for slot, scale in zip(slots, scales, strict=True):
-                torch.addcmul(slot.backup, slot.data, scale, out=slot.data)
+                torch.addcmul(slot.backup, draws[id(slot)], scale, out=slot.data)
 
     def _perturb_chunks(self, stream: _Stream, worker: int, strength: float) -> None:
         """No backup (regenerate restore, or no de-noising): draw chunk by chunk into scratch and add in place."""
@@ -706,6 +777,8 @@ class SmoothOut:
         """Stop the worker threads (the engine still works afterwards; threads restart on demand)."""
         if self._runner is not None:
             self._runner.close()
+        if self._prefetcher is not None:
+            self._prefetcher.close()
 
     def detach(self) -> None:
         """Remove the merged-space forward wrappers from the model's LoRA layers (``space="lora_merged"``).

@@ -67,7 +67,9 @@ def _draw_numpy_(out: torch.Tensor, distribution: str, generator: np.random.Gene
         raise ValueError(f"Unknown distribution {distribution!r}; allowed: uniform, gaussian.")
     target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     array = target.detach().numpy()  # the tensor's own memory
-    if distribution == "uniform":
+    if distribution == "uniform" and array.dtype == np.float32:
+        _uniform_levels_(array.reshape(-1), generator)
+    elif distribution == "uniform":
         generator.random(out=array, dtype=array.dtype)  # [0, 1)
         np.multiply(array, 2.0, out=array)  # to [-1, 1) with numpy: one thread, no torch thread pool here
         np.subtract(array, 1.0, out=array)
@@ -76,6 +78,28 @@ def _draw_numpy_(out: torch.Tensor, distribution: str, generator: np.random.Gene
     if target is not out:
         out.copy_(target)
     return out
+
+
+UNIFORM_LEVELS = 1 << 16
+"""float32 uniform noise on CPU takes this many equally spaced values in (-1, 1): 16 random bits per element."""
+_LEVEL_CHUNK = 1 << 18  # elements converted per chunk (a multiple of 4): bounded scratch, cache-resident
+
+
+def _uniform_levels_(flat: np.ndarray, generator: np.random.Generator) -> None:
+    """Fill the 1-D float32 ``flat`` with ``U(-1, 1)`` on 65,536 levels, 16 bits of one 64-bit PCG64 output each.
+
+    Level ``k`` maps to ``(2k + 1) / 65536 - 1``: symmetric about 0, spacing 2**-15, mean 0 and variance
+    ``1/3 - 1/(3 * 65536**2)``. A quarter of the random numbers of a float32 fill and no float conversion
+    inside the generator make it about 2.4x faster (1.46M numbers: 0.90 vs 2.18 ms). The values are a function
+    of the generator's state and the length only (chunks consume the stream in order).
+    """
+    bits = generator.bit_generator
+    scale, offset = np.float32(2.0 / UNIFORM_LEVELS), np.float32(1.0 / UNIFORM_LEVELS - 1.0)
+    for start in range(0, flat.size, _LEVEL_CHUNK):
+        part = flat[start : start + _LEVEL_CHUNK]
+        levels = bits.random_raw((part.size + 3) // 4).view(np.uint16)[: part.size]
+        np.multiply(levels, scale, out=part, casting="unsafe")
+        np.add(part, offset, out=part)
 
 
 def row_norm_shape(tensor: torch.Tensor, row_axis: int) -> tuple[int, ...]:

@@ -69,6 +69,14 @@ def assert_params_equal(model: nn.Module, reference: dict[str, torch.Tensor]) ->
 
 
 @pytest.fixture
+def draw_on_workers(monkeypatch):
+    """Exercise the engine's worker-thread paths on models below its own size threshold for them (4M weights)."""
+    import hf_smoothout.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_MIN_PARALLEL_ELEMENTS", 1 << 20)
+
+
+@pytest.fixture
 def tiny_model() -> TinyClassifier:
     torch.manual_seed(0)
     return TinyClassifier()

@@ -31,6 +31,7 @@ from hf_smoothout.modelcard import atomic_write_text
 from hf_smoothout.ownership import owner_of
 from hf_smoothout.trainer import STATE_FILE
 
+pytestmark = pytest.mark.usefixtures("draw_on_workers")
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_THREAD = threading.main_thread().ident
 
