@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -246,19 +245,6 @@ def append_run(path: Path, record: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    """``"mean ± std"`` (sample std; 0 for one value; ``-`` for none).
-
-    Example:
-        >>> mean_std([0.9, 0.92], scale=100)
-        '91.00 ± 1.41'
-    """
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def load_keskar(path: Path, hidden: int, depth: int) -> KeskarMLP:

@@ -99,11 +99,11 @@ from fmnist_common import (
     interpolate_models,
     load_data,
     load_keskar,
-    mean_std,
     measure_sharpness_of,
     read_runs,
     sharpness_batches,
 )
+from stats import mean_std, paired_interval
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
 from hf_smoothout.analysis import ParameterVector, RandomSubspace
@@ -928,23 +928,6 @@ def cost_stage(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> d
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def paired_interval(diffs: list[float]) -> tuple[float, float | None, float | None]:
-    """Mean of paired differences and its two-sided 95 % t-interval (None with fewer than 2 pairs).
-
-    Example:
-        >>> mean, low, high = paired_interval([1.0, 2.0, 3.0])
-        >>> mean, round(low, 3), round(high, 3)
-        (2.0, -0.484, 4.484)
-    """
-    from scipy.stats import t
-
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return mean, None, None
-    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half
-
-
 def final_cells(study: GhostStudyArguments, runs: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Final runs at each arm's chosen value, by arm (seeds in ``--seeds`` order)."""
     cells: dict[str, list[dict[str, Any]]] = {}

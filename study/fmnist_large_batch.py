@@ -53,13 +53,13 @@ from fmnist_common import (
     append_run,
     interpolate_models,
     load_keskar,
-    mean_std,
     measure_sharpness_of,
     read_idx_split,
     read_runs,
     sharpness_batches,
     stratified_split,
 )
+from stats import mean_std
 
 from hf_smoothout import SmoothOutConfig, SmoothOutTrainer, SmoothOutTrainingArguments
 from hf_smoothout.modelcard import markdown_table, write_model_card, write_run_info, write_study_rows

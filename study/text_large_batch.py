@@ -35,6 +35,9 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import mean_std
+
 from hf_smoothout.modelcard import markdown_table, write_model_card, write_study_rows
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "glue.py"
@@ -320,13 +323,6 @@ def interpolation_pairs(study: TextStudyArguments) -> list[tuple[str, Run, Run]]
 
 
 # ---------------------------------------------------------------------------- report
-def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
-
-
 def sharpness_values(study: TextStudyArguments, run: Run) -> dict[str, float]:
     path = sharpness_file(study, run)
     if not path.is_file():
@@ -372,9 +368,9 @@ def final_rows(study: TextStudyArguments) -> tuple[list[str], list[tuple[str, li
                     str(batch),
                     method,
                     f"{runs[0].strength:g}",
-                    mean_std(test),
-                    mean_std(train_acc),
-                    mean_std([a - b for a, b in zip(train_acc, test, strict=True)]),
+                    mean_std(test, scale=100),
+                    mean_std(train_acc, scale=100),
+                    mean_std([a - b for a, b in zip(train_acc, test, strict=True)], scale=100),
                     measure_cell(sharp, "epsilon_subspace", 4),
                     measure_cell(sharp, "hessian_top", 2),
                     f"{statistics.mean(r['train_runtime'] for r in res):.0f}",
@@ -442,7 +438,7 @@ def gap_lines(study: TextStudyArguments) -> list[str]:
             res = results(study, Run("final", method, chosen[method], seed, large_batch(study)))
             if res is not None and seed in small:
                 diffs.append(small[seed] - res["eval_accuracy"])
-        rows.append([method, mean_std(diffs)])
+        rows.append([method, mean_std(diffs, scale=100)])
     return [
         "",
         "Large-batch gap (small-batch baseline minus large-batch test accuracy, paired by seed, points):",
