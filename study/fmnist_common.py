@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,26 @@ class TensorExamples(torch.utils.data.Dataset):
             return self
         index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
         return TensorExamples(self.pixels[index], self.labels[index])
+
+
+@dataclass
+class MLPStudyOptions:
+    """Options the Fashion-MNIST studies share: the data split, the 5x512 batch-norm MLP and the sharpness measures.
+
+    Each study's argument dataclass extends it (its own fields follow these in ``--help``).
+    """
+
+    validation_size: int = field(default=5000, metadata={"help": "Validation examples carved from train."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples (tests)."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Cap on test examples (tests)."})
+    hidden: int = field(default=512, metadata={"help": "Width of the hidden layers."})
+    depth: int = field(default=5, metadata={"help": "Number of hidden layers."})
+    sharpness_samples: int = field(default=2000, metadata={"help": "Training examples of the sharpness measures."})
+    sharpness_epsilon: float = field(default=5e-4, metadata={"help": "Keskar box size eps."})
+    sharpness_iterations: int = field(default=10, metadata={"help": "L-BFGS-B iterations."})
+    sharpness_repeats: int = field(default=3, metadata={"help": "Random starts (or subspaces) of epsilon-sharpness."})
+    hessian_iterations: int = field(default=20, metadata={"help": "Power iterations for the top eigenvalue."})
+    fashion_mnist_dir: str | None = field(default=None, metadata={"help": "Folder of the Fashion-MNIST IDX files."})
 
 
 def stratified_split(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

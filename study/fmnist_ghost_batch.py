@@ -93,6 +93,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # fmnist_common, also 
 
 from fmnist_common import (
     KeskarMLP,
+    MLPStudyOptions,
     TensorExamples,
     append_run,
     evaluate_accuracy,
@@ -131,7 +132,7 @@ PILOT_MEASURE_SECONDS = 80.0  # sharpness of one final model (full space 20 s + 
 
 # ---------------------------------------------------------------------------------------------------- settings
 @dataclass
-class GhostStudyArguments:
+class GhostStudyArguments(MLPStudyOptions):
     output_dir: str = field(default="study_outputs/fmnist_ghost", metadata={"help": "Runs, models and report."})
     stage: Literal["sweep", "core", "ablation", "small", "report", "plan", "cost", "all"] = field(
         default="all", metadata={"help": "Stage to run; all = sweep, core, ablation, small, report."}
@@ -177,18 +178,8 @@ class GhostStudyArguments:
     max_extensions: int = field(
         default=2, metadata={"help": "Grid points added per sweep when the best is at an edge."}
     )
-    validation_size: int = field(default=5000, metadata={"help": "Validation examples carved from train."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples (tests)."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Cap on test examples (tests)."})
-    hidden: int = field(default=512, metadata={"help": "Width of the hidden layers."})
-    depth: int = field(default=5, metadata={"help": "Number of hidden layers."})
     eval_batch_size: int = field(default=2048, metadata={"help": "Batch size of the accuracy evaluations."})
-    sharpness_samples: int = field(default=2000, metadata={"help": "Training examples of the sharpness measures."})
-    sharpness_epsilon: float = field(default=5e-4, metadata={"help": "Keskar box size eps."})
-    sharpness_iterations: int = field(default=10, metadata={"help": "L-BFGS-B iterations."})
-    sharpness_repeats: int = field(default=3, metadata={"help": "Random starts / subspaces of epsilon-sharpness."})
     subspace_dim: int = field(default=100, metadata={"help": "M of the random-subspace epsilon-sharpness."})
-    hessian_iterations: int = field(default=20, metadata={"help": "Power iterations for the top eigenvalue."})
     cost_rounds: int = field(default=3, metadata={"help": "Round-robin rounds of the cost benchmark."})
     cost_epochs: float = field(default=1.0, metadata={"help": "Epochs per arm and round in the cost benchmark."})
     cost_arms: list[str] | None = field(
@@ -199,7 +190,6 @@ class GhostStudyArguments:
         default=None,
         metadata={"help": "torch.set_num_threads (default: torch's choice); 1 is steadier on a shared 2-core machine."},
     )
-    fashion_mnist_dir: str | None = field(default=None, metadata={"help": "Folder of the Fashion-MNIST IDX files."})
 
 
 # Settings a finished run depends on: a run is only reused when they are unchanged.

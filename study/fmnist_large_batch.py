@@ -48,6 +48,7 @@ import fmnist_common
 from fmnist_common import (
     INTERPOLATION_ALPHAS,
     KeskarMLP,
+    MLPStudyOptions,
     TensorExamples,
     accuracy,
     append_run,
@@ -78,7 +79,7 @@ METHODS = {"baseline": "none", "smoothout": "none", "adasmoothout": "filter"}
 
 
 @dataclass
-class StudyArguments:
+class StudyArguments(MLPStudyOptions):
     output_dir: str = field(default="study_outputs/fmnist", metadata={"help": "Where runs, models and the report go."})
     stage: Literal["sweep", "final", "report", "all"] = field(default="all", metadata={"help": "Stage(s) to run."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of the final runs."})
@@ -98,17 +99,6 @@ class StudyArguments:
         default_factory=lambda: [0.01, 0.04, 0.16, 0.64],
         metadata={"help": "Sweep grid for AdaSmoothOut (adapt filter)."},
     )
-    validation_size: int = field(default=5000, metadata={"help": "Validation examples carved from train."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples (tests)."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Cap on test examples (tests)."})
-    hidden: int = field(default=512, metadata={"help": "Width of the hidden layers."})
-    depth: int = field(default=5, metadata={"help": "Number of hidden layers."})
-    sharpness_samples: int = field(default=2000, metadata={"help": "Training examples for sharpness measures."})
-    sharpness_epsilon: float = field(default=5e-4, metadata={"help": "Keskar box size eps."})
-    sharpness_iterations: int = field(default=10, metadata={"help": "L-BFGS-B iterations."})
-    sharpness_repeats: int = field(default=3, metadata={"help": "Random starts for epsilon-sharpness."})
-    hessian_iterations: int = field(default=20, metadata={"help": "Power iterations for the top eigenvalue."})
-    fashion_mnist_dir: str | None = field(default=None, metadata={"help": "Folder of the Fashion-MNIST IDX files."})
 
 
 def load_data(study: StudyArguments) -> dict[str, TensorExamples]:
