@@ -17,6 +17,14 @@ Usage:
         --lr_scaling sqrt --reference_batch_size 128 --learning_rate 1e-3
     accelerate launch recipes/image_classification.py --dataset_name cifar10 --model_type resnet \\
         --config_overrides depths=[2,2,2,2] --output_dir out/cifar
+    # the SmoothOut paper's protocol: its 5x512 batch-norm MLP, B = 4096 from 32 ghost chunks of 128
+    # (fresh noise and batch norm per chunk), SGD 0.1 x sqrt(B/128), momentum 0.9 reset every epoch, weight
+    # decay 1e-4, clipping 5, LR x0.1 at epochs 10/20/30 of 50
+    python recipes/image_classification.py --model_type bn_mlp --output_dir out/fmnist-ghost \\
+        --per_device_train_batch_size 128 --gradient_accumulation_steps 32 --num_train_epochs 50 \\
+        --optim sgd --optim_args momentum=0.9 --learning_rate 0.1 --lr_scaling sqrt --reference_batch_size 128 \\
+        --weight_decay 1e-4 --max_grad_norm 5 --lr_milestones 0.2 0.4 0.6 --reset_momentum_each_epoch \\
+        --smoothout_adapt filter --smoothout_strength 0.3
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from recipe_kit import mlp  # noqa: F401  (registers --model_type bn_mlp)
 from recipe_kit.arguments import RunOptions, default_eval_batch_size, given_on_command_line, recipe_parser
 from recipe_kit.batching import plan_from_arguments
 from recipe_kit.errors import RecipeError, run_cli
@@ -45,8 +54,9 @@ from recipe_kit.image_data import (
 )
 from recipe_kit.offline import hub_reachable
 from recipe_kit.outputs import close_distributed, describe_environment, finish_run, say
+from recipe_kit.protocol import ProtocolOptions, ProtocolTrainer
 
-from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
+from hf_smoothout import SmoothOutTrainingArguments
 
 DEFAULT_DATASET = "fashion_mnist"
 
@@ -110,11 +120,13 @@ class DataArguments(RunOptions):
     random_flip: bool = field(default=False, metadata={"help": "Augment training images with horizontal flips."})
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SmoothOutTrainingArguments]:
-    """Parse the command line (or ``argv``) into the three argument dataclasses."""
-    parser = recipe_parser((ModelArguments, DataArguments, SmoothOutTrainingArguments), __doc__ or "")
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, ProtocolOptions, SmoothOutTrainingArguments]:
+    """Parse the command line (or ``argv``) into the four argument dataclasses."""
+    parser = recipe_parser((ModelArguments, DataArguments, ProtocolOptions, SmoothOutTrainingArguments), __doc__ or "")
+    model_args, data_args, protocol, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, protocol, training_args
 
 
 # ---------------------------------------------------------------------------- model
@@ -281,8 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the recipe; returns the evaluation metrics."""
     from transformers import set_seed
 
-    model_args, data_args, args = parse_args(argv)
+    model_args, data_args, protocol, args = parse_args(argv)
     check_arguments(model_args, data_args, args)
+    protocol.check()
     plan = plan_from_arguments(args, data_args)
     say(args, describe_environment(args), plan.describe())
     args.remove_unused_columns = False  # the pixel pipeline, not the Trainer, decides what reaches the model
@@ -350,13 +363,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_dataset = PixelDataset(data.train, train_pipeline)
     eval_dataset = PixelDataset(data.eval, pipeline)
 
-    trainer = SmoothOutTrainer(
+    trainer = ProtocolTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         compute_metrics=accuracy,
+        protocol=protocol,
     )
+    if protocol.describe():
+        say(args, f"protocol: {protocol.describe()}")
     config = trainer.smoothout_config
     say(args, f"SmoothOut: {'off (baseline)' if not config.enabled else config.to_dict()}")
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -383,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "lr_scaling": plan.lr_scaling,
             "base_learning_rate": plan.base_learning_rate,
             "reference_batch_size": plan.reference_batch_size,
+            "protocol": protocol.describe(),
             "augmentation": {
                 "random_crop_padding": data_args.random_crop_padding,
                 "random_flip": data_args.random_flip,

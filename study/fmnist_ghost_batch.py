@@ -104,6 +104,7 @@ from fmnist_common import (
     read_runs,
     sharpness_batches,
 )
+from recipe_kit.protocol import MomentumResetCallback  # the recipes' --reset_momentum_each_epoch
 from stats import mean_std, paired_interval
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
@@ -384,39 +385,6 @@ def run_key(phase: str, batch: int, arm: str, value: float, seed: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- training
-class MomentumResetCallback(TrainerCallback):
-    """Clear the optimizer state at the start of every epoch: SGD restarts its momentum from zero.
-
-    This is what the authors' script gets by building a new SGD every epoch (their LR is set per epoch; ours
-    comes from the scheduler, which keeps running). ``resets`` counts the epochs where there was state to clear.
-
-    Example:
-        >>> p = nn.Parameter(torch.ones(2))
-        >>> opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
-        >>> p.grad = torch.ones(2); opt.step()
-        >>> "momentum_buffer" in opt.state[p]
-        True
-        >>> MomentumResetCallback().on_epoch_begin(None, None, None, optimizer=opt)
-        >>> len(opt.state)
-        0
-    """
-
-    def __init__(self) -> None:
-        self.resets = 0
-
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        if optimizer is None:
-            raise RuntimeError(
-                "MomentumResetCallback needs the optimizer: pass it as Trainer(optimizers=(opt, sched))."
-            )
-        inner = optimizer
-        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
-            inner = inner.optimizer  # accelerate's AcceleratedOptimizer wraps the torch optimizer
-        if len(inner.state):
-            inner.state.clear()
-            self.resets += 1
-
-
 class EpochRecorder(TrainerCallback):
     """Per epoch: the LR at its start, its training wall time (evaluation excluded) and, optionally, the
     accuracy of the model on ``eval_data`` at its end (eval mode)."""

@@ -197,6 +197,29 @@ def test_idx_files_with_a_resnet_built_from_overrides(idx_dir, tmp_path, capsys)
     assert "trained from scratch (resnet built from a configuration)" in card and "SmoothOut a=0.002 (none" in card
 
 
+def test_the_papers_protocol_flags(idx_dir, tmp_path, capsys):
+    """bn_mlp + ghost chunks (accumulation) + SGD momentum + step decay + momentum reset, as documented."""
+    out = tmp_path / "ghost"
+    argv = ["--output_dir", str(out), "--idx_dir", str(idx_dir), "--idx_label_names", "top", "middle", "bottom"]
+    argv += ["--model_type", "bn_mlp", "--config_overrides", "hidden_size=16", "num_hidden_layers=2"]
+    argv += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3", "--num_train_epochs", "4"]
+    argv += ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.1", "--lr_scaling", "sqrt"]
+    argv += ["--reference_batch_size", "4", "--weight_decay", "1e-4", "--max_grad_norm", "5"]
+    argv += ["--lr_milestones", "0.25", "0.5", "0.75", "--reset_momentum_each_epoch", "--logging_steps", "1"]
+    argv += ["--smoothout_strength", "0.3", "--per_device_eval_batch_size", "64", *COMMON]
+    metrics = vision.main(argv)
+    text = capsys.readouterr().out
+    assert "protocol: {'lr_milestones': [0.25, 0.5, 0.75], 'lr_decay': 0.1, 'reset_momentum_each_epoch': True}" in text
+    assert "eval_accuracy" in metrics
+    state = read(out / "trainer_state.json")
+    lrs = [round(h["learning_rate"], 6) for h in state["log_history"] if "learning_rate" in h]
+    top = 0.1 * math.sqrt(3)  # 0.1 x sqrt(12 / 4): 48 examples, 4 steps per epoch, 16 steps
+    assert len(lrs) == 16 and lrs[:4] == [round(top, 6)] * 4
+    assert lrs[4:8] == [round(top * 0.1, 6)] * 4 and lrs[12:] == [round(top * 0.001, 6)] * 4
+    config = read(out / "config.json")
+    assert config["model_type"] == "bn_mlp" and config["hidden_size"] == 16
+
+
 def test_image_folders_rgb(tmp_path):
     from PIL import Image
 
@@ -297,6 +320,7 @@ def bad_cases(idx_dir: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]
         "two model sources": ([*local, "--model_type", "vit", "--model_config", "c.json"], "Pass only one of"),
         "no network dataset": (["--dataset_name", "cifar10", "--source", "offline"], "has no offline copy"),
         "nothing to train": ([*local, "--max_steps", "0", "--num_train_epochs", "0"], "Nothing to train"),
+        "milestones out of range": ([*local, "--lr_milestones", "0.5", "1.5"], "fractions in"),
         "hub model offline": (
             [*local, "--model_name_or_path", "someone/not-cached", "--source", "offline"],
             "Could not load the image classifier someone/not-cached",
@@ -317,6 +341,7 @@ BAD_NAMES = [
     "two model sources",
     "no network dataset",
     "nothing to train",
+    "milestones out of range",
     "hub model offline",
 ]
 
