@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks in one go: the CUDA tests, then perturb + restore and whole-Trainer-step overhead on the GPU.
+# GPU checks in one go: the CUDA tests, perturb + restore and whole-Trainer-step overhead (also LoRA's merged
+# space), then DeepSpeed ZeRO-2 and FSDP2 with bf16 on the one GPU.
 #
 # Usage (from the repository root, on a machine with one CUDA GPU and torch/transformers/accelerate):
-#     bash benchmarks/gpu_checks.sh [OUTPUT_DIR]     # default gpu_results/; about 5 minutes on an H100
+#     bash benchmarks/gpu_checks.sh [OUTPUT_DIR]     # default gpu_results/; about 8 minutes on an H100
 # Every log lands in OUTPUT_DIR; the exit status is that of the CUDA tests.
 set -uo pipefail
 out=${1:-gpu_results}
@@ -25,4 +26,19 @@ for model in bert-base minilm; do
     | tee "$out/overhead_${model}_bf16.log"
 done
 "$python" benchmarks/overhead.py --model cnn --batch 256 --steps 12 --rounds 3 2>&1 | tee "$out/overhead_cnn_fp32.log"
+"$python" benchmarks/overhead.py --model bert-base --batch 32 --seq 128 --bf16 --lora_r 8 --steps 12 --rounds 3 \
+  --arms "SmoothOut filter/copy" "SmoothOut lora_merged" "Flat-LoRA law lora_merged" 2>&1 \
+  | tee "$out/overhead_bert_base_lora_bf16.log"
+
+# Scale-out paths on the one GPU, with bf16 (one process: the code paths and the master/shard checks; the
+# cross-rank checks run on 2 CPU processes in tests/test_deepspeed.py and tests/test_fsdp.py).
+launch=("$python" -m torch.distributed.run --standalone --nproc_per_node 1)
+common=(--max_steps 6 --per_device_train_batch_size 8 --learning_rate 0.01 --report_to none --save_strategy no
+  --disable_tqdm true --smoothout_strength 0.05 --seed 3 --bf16 true)
+"${launch[@]}" tests/deepspeed_train.py --deepspeed recipes/configs/deepspeed_zero2.json --output_dir "$out/zero2" \
+  "${common[@]}" 2>&1 | tail -n 20 | tee "$out/zero2_bf16.log"
+cat "$out/zero2/deepspeed_result.json" 2>/dev/null | tee -a "$out/zero2_bf16.log"; echo
+FSDP_TEST_SHARDS=1 "${launch[@]}" tests/fsdp_train.py --output_dir "$out/fsdp2" "${common[@]}" 2>&1 \
+  | tail -n 20 | tee "$out/fsdp2_bf16.log"
+cat "$out/fsdp2/fsdp_result.json" 2>/dev/null | tee -a "$out/fsdp2_bf16.log"; echo
 exit "$status"

@@ -70,14 +70,17 @@ class ShardRestoreCheck(TrainerCallback):
 
 def main() -> None:
     (args,) = HfArgumentParser(SmoothOutTrainingArguments).parse_args_into_dataclasses()
-    assert args.world_size == 2  # sets up the (gloo) process group
+    shards = int(os.environ.get("FSDP_TEST_SHARDS", "2"))  # 1: the one-GPU check in benchmarks/gpu_checks.sh
+    assert args.world_size == shards  # sets up the process group
     kind = os.environ.get("FSDP_TEST_MODEL", "bert")
     watched_name, norm_dim = MODELS[kind]
     path = os.path.join(args.output_dir, f"tiny_{kind}")
     if dist.get_rank() == 0:
         build(kind).save_pretrained(path)
     dist.barrier()
-    model = AutoModelForSequenceClassification.from_pretrained(path, distributed_config=DistributedConfig(fsdp_size=2))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, distributed_config=DistributedConfig(fsdp_size=shards)
+    )
     model.accepts_loss_kwargs = False
     watched = model.get_submodule(watched_name)
     placements = str(watched.weight.placements)

@@ -18,8 +18,8 @@ def replica_facts(first_noise: torch.Tensor, params: torch.Tensor) -> dict[str, 
     dist.all_gather(noises, first_noise.contiguous())
     all_params = [torch.empty_like(params) for _ in range(world)]
     dist.all_gather(all_params, params.contiguous())
-    return {
-        "noise_differs_across_ranks": not torch.equal(noises[0], noises[1]),
+    return {  # one process (the GPU checks on one device): nothing to compare across ranks
+        "noise_differs_across_ranks": not torch.equal(noises[0], noises[1]) if world > 1 else None,
         "params_identical_across_ranks": all(torch.equal(all_params[0], p) for p in all_params[1:]),
     }
 
