@@ -30,6 +30,7 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from .adapters.deepspeed import check_deepspeed, restore_before_step
+from .adapters.sharded_checkpoint import SHARDED_STATE_DIR, has_sharded_state, load_sharded_state, save_sharded_state
 from .arguments import SmoothOutTrainingArguments
 from .compat import check_trainer_setup, warn_if_below_resolution
 from .config import SmoothOutConfig
@@ -318,6 +319,41 @@ class SmoothOutMixin:
         write_model_card_from_trainer(self, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
+    def _smoothout_sharded_at_load(self) -> bool:
+        return bool(getattr(self, "is_distributed_loading_by_transformers", False))
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint; for a model sharded at load time (FSDP2 via ``DistributedConfig``, which
+        transformers saves with ``save_only_model=True``) also the sharded model + optimizer + scheduler state,
+        the RNG states and the noise state, so ``train(resume_from_checkpoint=...)`` can continue it."""
+        super()._save_checkpoint(model, trial)
+        if not self._smoothout_sharded_at_load():
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        save_sharded_state(self.model, self.optimizer, self.lr_scheduler, folder, rank=self.args.process_index)
+        if self.args.save_only_model:  # the Trainer skipped these; resuming needs them
+            self._save_rng_state(folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._smoothout_sharded_at_load():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not has_sharded_state(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} has no sharded state ({SHARDED_STATE_DIR}/): the model is sharded at load "
+                "time (DistributedConfig), and transformers cannot load its full-weight checkpoint into the shards. "
+                "Resume from a checkpoint written by SmoothOutTrainer/SmoothOutMixin, or start from the saved "
+                "weights with from_pretrained(checkpoint, distributed_config=...) without resume_from_checkpoint."
+            )
+        # The model is loaded together with the optimizer in _load_optimizer_and_scheduler (it exists by then).
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._smoothout_sharded_at_load():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_sharded_state(self.model, self.optimizer, self.lr_scheduler, checkpoint)
+
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         if self.smoothout is not None:

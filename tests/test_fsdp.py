@@ -56,3 +56,22 @@ def test_fsdp2_training_equals_unsharded_training_with_the_same_global_noise(tmp
     assert result["max_diff_with_noise"] < 1e-4
     # ...while leaving the noise out of the replay changes the weights by far more
     assert result["max_diff_without_noise"] > 100 * result["max_diff_with_noise"]
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_resume_from_a_checkpoint_is_bit_exact(tmp_path):
+    """transformers cannot resume a model sharded at load time; SmoothOutTrainer's sharded checkpoint can."""
+    script = Path(__file__).with_name("fsdp_resume_train.py")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+        "--use_cpu", "--output_dir", str(tmp_path), "--max_steps", "6", "--save_strategy", "steps",
+        "--save_steps", "3", "--save_only_model", "true", "--per_device_train_batch_size", "4",
+        "--learning_rate", "0.01", "--report_to", "none", "--disable_tqdm", "true",
+        "--smoothout_strength", "0.05", "--seed", "3",
+    ]  # fmt: skip
+    run_launcher(cmd)
+    result = json.loads((tmp_path / "fsdp_resume_result.json").read_text())
+    assert result["world_size"] == 2 and result["sharded_state_saved"]
+    assert result["steps"] == [6, 6] and result["draws"] == [6, 6]
+    assert result["trained"]
+    assert result["resumed_equals_uninterrupted"], result["max_difference"]
