@@ -112,8 +112,10 @@ class SmoothOutConfig:
             torch's initial seed (the Trainer passes ``TrainingArguments.seed``).
         independent_ranks: each distributed rank draws different noise (seed offset by rank),
             so data-parallel training averages ``world_size`` noise samples per step. Sharded
-            (FSDP2/DTensor) parameters always draw per rank: each rank holds other rows, and the
-            forward pass gathers them into one global sample per micro-batch.
+            (FSDP2/DTensor) parameters give one global sample per micro-batch whatever this says: each
+            rank perturbs the rows it holds and the forward pass gathers them; FSDP2's dim-0 shards draw
+            blocks of global rows from seeds without the rank, so the noise does not depend on the
+            shard count.
         noise_every: when the Trainer draws fresh noise: ``"micro_batch"`` (the paper and the authors'
             script: every micro-batch of a gradient-accumulation window, i.e. every ghost chunk, gets its
             own draw) or ``"step"`` (one draw held for the whole window and removed before clipping and

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters.dtensor import is_dtensor, local_tensor, row_split_groups, rows_are_local
+from .adapters.dtensor import dim0_shard_span, is_dtensor, local_tensor, row_split_groups, rows_are_local
 from .config import ROW_SCALED_MODES, SmoothOutConfig
 from .lora_merged import MergedSpace, adapter_parameter_ids, find_lora_layers
 from .noise import (
@@ -64,7 +64,7 @@ from .noise import (
 from .ownership import claim, release
 from .prefetch import NoisePrefetcher
 from .schedules import noise_coefficient
-from .seeding import derive_seed, seeded_generator
+from .seeding import derive_seed, draw_row_blocks_, seeded_generator
 from .selection import SelectedParameter, select_parameters
 from .threads import StreamRunner, interrupts_deferred
 
@@ -99,6 +99,8 @@ _AUTO_PREFETCH_ELEMENTS = 1 << 24
 # exceeds this factor times the last checked one (a handful of checks per run, whatever the schedule).
 _FINITE_CHECK_GROWTH = 2.0
 _SEED_LIMIT = 2**64
+# Stream ids of FSDP2 row-block draws start here (plus the parameter's index), apart from the rank streams.
+_ROW_BLOCK_STREAMS = 1 << 40
 
 
 @dataclass
@@ -114,6 +116,9 @@ class _Slot:
     backup: torch.Tensor | None = None
     norms: tuple[torch.Tensor, torch.Tensor] | None = None
     reduce_groups: tuple[Any, ...] = ()  # process groups splitting this parameter's rows (sharded, adapt=filter)
+    index: int = 0  # position among the selected parameters (model order): names its sharded noise
+    span: tuple[int, int, int] | None = None  # FSDP2 dim-0 shard: (global rows, first row here, rows here)
+    global_shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -127,6 +132,8 @@ class _Stream:
     slots: list[_Slot] = field(default_factory=list)
     chunks_done: int = 0
     collective: bool = False  # all-reduces row norms: drawn in the calling thread, in the same order on all ranks
+    block_generator: torch.Generator | None = None  # sharded row blocks (their seeds do not involve the rank)
+    block_scratch: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -282,8 +289,9 @@ class SmoothOut:
         self._prefetcher: NoisePrefetcher | None = None
         self._prefetch_generators: dict[int, torch.Generator] = {}
         self._workers = 1
-        # Sharded parameters: every rank holds other rows, so its shard always draws from its own rank's stream
-        # (one global sample per step, whatever independent_ranks says).
+        # Sharded parameters: every rank holds other rows, so the forward pass gathers one global sample per step
+        # (whatever independent_ranks says). FSDP2's dim-0 shards draw global row blocks seeded without the rank
+        # (the same noise for any shard count); other layouts draw from this rank's streams.
         self._noise_rank = self.rank if (config.independent_ranks or self._sharded) else 0
         self._draws = 0  # noise draws so far: the only state a checkpoint needs
         self._perturbed = False
@@ -339,6 +347,7 @@ class SmoothOut:
 
     def _buffers(self) -> list[torch.Tensor]:
         tensors = [t for bufs in self._scratch.values() for t in bufs]
+        tensors.extend(s.block_scratch for s in self._streams if s.block_scratch is not None)
         if self._prefetcher is not None:
             tensors.extend(self._prefetcher.buffers)
         for stream in self._streams:
@@ -373,9 +382,11 @@ class SmoothOut:
         enabled = self.config.enabled
         groups: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
         self._slots = []
-        for sel in self._selected:
+        for index, sel in enumerate(self._selected):
             p = sel.param
-            slot = _Slot(sel.name, p, sel.row_axis, local_tensor(p), sel.module, sel.local_name)
+            slot = _Slot(sel.name, p, sel.row_axis, local_tensor(p), sel.module, sel.local_name, index=index)
+            if self._sharded:
+                slot.span, slot.global_shape = dim0_shard_span(p), tuple(p.shape)
             if enabled and self._uses_backup():
                 slot.backup = torch.empty_like(slot.data, memory_format=torch.contiguous_format)
             if enabled and self.config.adapt in ROW_SCALED_MODES:
@@ -423,7 +434,8 @@ class SmoothOut:
         mode = self.config.prefetch
         spare_core = torch.get_num_threads() < _available_cores()  # measured: no gain when torch uses every core
         wanted = mode == "always" or (mode == "auto" and spare_core and cpu_numel <= _AUTO_PREFETCH_ELEMENTS)
-        if enabled and self._uses_backup() and all_cpu and wanted:
+        row_blocks = any(slot.span is not None for slot in self._slots)  # drawn per global row block instead
+        if enabled and self._uses_backup() and all_cpu and wanted and not row_blocks:
             self._prefetcher = NoisePrefetcher([slot.data for slot in self._slots])
 
     def _check_bindings(self) -> None:
@@ -474,7 +486,8 @@ class SmoothOut:
         """Whether every selected weight is finite (one max-abs reduction per tensor, one sync per device)."""
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for slot in self._slots:
-            by_device.setdefault(slot.data.device, []).append(slot.data)
+            if slot.data.numel():  # a shard may hold no rows (a 2-row head over 4 ranks): nothing to check there
+                by_device.setdefault(slot.data.device, []).append(slot.data)
         finite = True
         for tensors in by_device.values():
             peaks = torch._foreach_norm(tensors, ord=math.inf)
@@ -580,9 +593,35 @@ class SmoothOut:
         )
 
     def _draw_stream(self, stream: _Stream, worker: int) -> None:
-        """Fill every parameter of ``stream`` with raw draws ``u`` (the clean values are in the backups)."""
+        """Fill every parameter of ``stream`` with raw draws ``u`` (the clean values are in the backups).
+
+        An FSDP2 shard draws its global row blocks from seeds without the rank (the same noise for any shard
+        count); every other tensor draws from the stream's generator.
+        """
         for slot in stream.slots:
-            draw_(slot.data, self.config.distribution, stream.generator)
+            if slot.span is None:
+                draw_(slot.data, self.config.distribution, stream.generator)
+                continue
+            if stream.block_generator is None:
+                stream.block_generator = torch.Generator(device=stream.device)
+            seed = derive_seed(self.base_seed, 0, _ROW_BLOCK_STREAMS + slot.index, self._draws)
+            draw_row_blocks_(
+                slot.data,
+                slot.span,
+                slot.global_shape,
+                seed,
+                self.config.distribution,
+                lambda numel, stream=stream: self._block_scratch(stream, numel),
+                stream.block_generator,
+            )
+
+    @staticmethod
+    def _block_scratch(stream: _Stream, numel: int) -> torch.Tensor:
+        scratch = stream.block_scratch
+        if scratch is None or scratch.numel() < numel:
+            scratch = torch.empty(numel, device=stream.device, dtype=stream.dtype)
+            stream.block_scratch = scratch
+        return scratch[:numel]
 
     def _prefetch_tag(self, draw: int) -> tuple[Any, ...]:
         return (self.base_seed, self._noise_rank, draw, self.config.distribution)

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -69,3 +71,57 @@ def seeded_generator(
         generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+ROW_BLOCK_ELEMENTS = 1 << 18
+"""Elements per block of global rows in `draw_row_blocks_` (at least one row per block)."""
+
+
+def row_block_rows(global_shape: tuple[int, ...]) -> int:
+    """Rows of dim 0 per block for a tensor of ``global_shape``: a function of the global shape only.
+
+    Example:
+        >>> row_block_rows((30522, 768)), row_block_rows((768,))
+        (341, 262144)
+    """
+    row = 1
+    for size in global_shape[1:]:
+        row *= int(size)
+    return max(1, ROW_BLOCK_ELEMENTS // max(1, row))
+
+
+def draw_row_blocks_(
+    local: torch.Tensor,
+    span: tuple[int, int, int],
+    global_shape: tuple[int, ...],
+    seed: int,
+    distribution: str,
+    scratch: Callable[[int], torch.Tensor],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Fill ``local``, the rows ``[start, start + count)`` of dim 0 of a tensor of ``global_shape``
+    (``span = (rows, start, count)``), with the noise of those global rows.
+
+    Block ``b`` of `row_block_rows` rows draws from ``derive_seed(seed, b)`` (``seed`` already names the tensor
+    and the draw, not the rank), so the values of a global row are the same whatever the rows held locally:
+    the noise does not depend on the shard count. Blocks that straddle the shard's edges are drawn whole
+    into ``scratch(numel)`` and the held part copied. ``draw_`` comes from `hf_smoothout.noise`.
+    """
+    from .noise import draw_
+
+    rows, start, count = span
+    if count == 0:
+        return local
+    per_block = row_block_rows(global_shape)
+    row_shape = tuple(local.shape[1:])
+    for block in range(start // per_block, (start + count - 1) // per_block + 1):
+        first, last = block * per_block, min((block + 1) * per_block, rows)
+        low, high = max(first, start), min(last, start + count)
+        block_generator = seeded_generator(derive_seed(seed, block), local.device, local.dtype, distribution, generator)
+        if low == first and high == last:
+            draw_(local[low - start : high - start], distribution, block_generator)
+            continue
+        whole = scratch((last - first) * max(1, local[0:1].numel())).view((last - first, *row_shape))
+        draw_(whole, distribution, block_generator)
+        local[low - start : high - start].copy_(whole[low - first : high - first])
+    return local

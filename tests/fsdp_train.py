@@ -111,6 +111,8 @@ def main() -> None:
         share_deviation = float((noise_share - clean_full[:half].norm(dim=0) / row_norms).abs().max())
     gathered = [torch.empty_like(seen[0]) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, seen[0])
+    if dist.get_rank() == 0:  # the gathered noise of the first micro-batch, to compare across shard counts
+        torch.save(noise, os.path.join(args.output_dir, "first_noise.pt"))
     result = {
         "model": kind,
         "world_size": dist.get_world_size(),

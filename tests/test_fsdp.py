@@ -75,3 +75,29 @@ def test_fsdp2_resume_from_a_checkpoint_is_bit_exact(tmp_path):
     assert result["steps"] == [6, 6] and result["draws"] == [6, 6]
     assert result["trained"]
     assert result["resumed_equals_uninterrupted"], result["max_difference"]
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_noise_is_the_same_for_2_and_4_shards(tmp_path):
+    """FSDP2 shards draw global row blocks from seeds without the rank: the gathered noise ignores the shard count."""
+    import torch
+
+    noises = []
+    for shards in (2, 4):
+        out = tmp_path / f"shards{shards}"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(shards),
+            str(SCRIPT), "--use_cpu", "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size",
+            "8", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+            "--smoothout_strength", "0.05", "--seed", "3",
+        ]  # fmt: skip
+        env_shards = {"FSDP_TEST_SHARDS": str(shards), "FSDP_TEST_MODEL": "bert"}
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env_shards.items():
+                patch.setenv(key, value)
+            run_launcher(cmd)
+        result = json.loads((out / "fsdp_result.json").read_text())
+        assert result["world_size"] == shards and result["sharded_rows"] == [64 // shards, 32]
+        noises.append(torch.load(out / "first_noise.pt"))
+    assert torch.count_nonzero(noises[0]) == noises[0].numel()
+    assert torch.equal(noises[0], noises[1])

@@ -8,7 +8,9 @@ parameters (one element per row). Where rows are split across ranks (GPT-2's ``C
 ``[in, out]`` and FSDP2 shards dim 0, so each output column is spread over the ranks), the partial
 squared row norms of the weight and of the draw are all-reduced over the mesh dimensions that split
 them (`row_split_groups`), which makes the per-row law exact on the gathered tensor. Element-wise laws
-(``none``, ``weight``) work for any sharding.
+(``none``, ``weight``) work for any sharding. For FSDP2's layout (dim 0 sharded over a 1-D mesh) the noise
+is drawn in blocks of global rows seeded without the rank (`dim0_shard_span`), so it does not depend on
+the shard count.
 
 Example:
     >>> import torch
@@ -66,3 +68,21 @@ def row_split_groups(param: torch.Tensor, row_axis: int) -> tuple[Any, ...]:
         if placement.dim % param.ndim != row_axis:
             groups.append(param.device_mesh.get_group(mesh_dim))
     return tuple(groups)
+
+
+def dim0_shard_span(param: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(global rows of dim 0, first global row held here, rows held here)`` for a DTensor sharded on dim 0 over
+    a 1-D mesh (FSDP2's layout), else ``None``.
+
+    With it the engine draws the noise of global row blocks from seeds that do not involve the rank, so the
+    gathered noise is the same whatever the shard count (`hf_smoothout.seeding.draw_row_blocks_`).
+    """
+    if not is_dtensor(param) or param.ndim == 0:
+        return None
+    placements = param.placements
+    if len(placements) != 1 or not placements[0].is_shard() or placements[0].dim % param.ndim != 0:
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, placements)
+    return int(param.shape[0]), int(offset[0]), int(local_shape[0])
