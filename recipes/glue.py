@@ -60,6 +60,14 @@ class ModelArguments:
     num_hidden_layers: int | None = field(
         default=None, metadata={"help": "Keep only the first N transformer layers (e.g. 2 for a quick run)."}
     )
+    fsdp_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shard the model over N processes with FSDP2 as transformers loads it "
+            "(from_pretrained(distributed_config=DistributedConfig(fsdp_size=N))); launch with torchrun. Checkpoints "
+            "need --save_only_model true; SmoothOutTrainer adds the sharded state that resuming needs."
+        },
+    )
 
 
 @dataclass
@@ -132,7 +140,9 @@ def choose_model(name: str, use_hub: bool) -> ModelChoice:
     return ModelChoice(name, name, f"{name} ({'Hub' if use_hub else 'local Hugging Face cache'})", not use_hub)
 
 
-def load_model(choice: ModelChoice, data: TextData, num_hidden_layers: int | None) -> tuple[Any, Any, str | None]:
+def load_model(
+    choice: ModelChoice, data: TextData, num_hidden_layers: int | None, fsdp_size: int | None = None
+) -> tuple[Any, Any, str | None]:
     """Tokenizer, classifier and a note on cut layers; raises `RecipeError` when loading fails."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -172,8 +182,13 @@ def load_model(choice: ModelChoice, data: TextData, num_hidden_layers: int | Non
         + "MISSING rows the new classification head, trained from scratch: both are expected.",
         flush=True,
     )
+    sharding = {}
+    if fsdp_size is not None:
+        from transformers.distributed import DistributedConfig
+
+        sharding["distributed_config"] = DistributedConfig(fsdp_size=fsdp_size)
     model = AutoModelForSequenceClassification.from_pretrained(
-        choice.path, config=config, ignore_mismatched_sizes=True, local_files_only=choice.local_only
+        choice.path, config=config, ignore_mismatched_sizes=True, local_files_only=choice.local_only, **sharding
     )
     # Classification losses are per-batch means that ignore num_items_in_batch; without this the Trainer skips the
     # division by gradient_accumulation_steps and multiplies by the world size (gradients 2x-4x too large).
@@ -220,6 +235,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: 
         raise RecipeError(f"--train_eval_samples must be a positive integer, got {data_args.train_eval_samples}.")
     if data_args.max_seq_length < 1:
         raise RecipeError(f"--max_seq_length must be a positive integer, got {data_args.max_seq_length}.")
+    if model_args.fsdp_size is not None and model_args.fsdp_size != args.world_size:
+        raise RecipeError(
+            f"--fsdp_size {model_args.fsdp_size} needs as many processes; this run has {args.world_size}. Launch with "
+            f"torchrun --nproc_per_node {model_args.fsdp_size} recipes/glue.py ..."
+        )
     if model_args.num_hidden_layers is not None and model_args.num_hidden_layers < 1:
         raise RecipeError(f"--num_hidden_layers must be a positive integer, got {model_args.num_hidden_layers}.")
     if args.per_device_eval_batch_size < 1:
@@ -267,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     choice = choose_model(model_args.model_name_or_path, use_hub)
     set_seed(args.seed)  # the classifier head is initialized here: seed it like the rest of the run
-    tokenizer, model, layer_note = load_model(choice, data, model_args.num_hidden_layers)
+    tokenizer, model, layer_note = load_model(choice, data, model_args.num_hidden_layers, model_args.fsdp_size)
     num_parameters = sum(p.numel() for p in model.parameters())
     say(
         args,

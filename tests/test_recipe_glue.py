@@ -391,6 +391,25 @@ def test_two_process_torchrun_world_size_and_gradient_scale(tiny_bert, sentiment
     assert first_grad_norm(out) == pytest.approx(first_grad_norm(tmp_path / "single"), rel=1e-3)
 
 
+@pytest.mark.multiprocess
+def test_fsdp2_through_the_recipe_trains_checkpoints_and_resumes(tiny_bert, sentiment_files, tmp_path):
+    """``--fsdp_size 2`` under torchrun: transformers' own FSDP2, SmoothOut on the shards, a resumable checkpoint."""
+    train, dev = sentiment_files
+    out = tmp_path / "fsdp"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv = tiny_args(tiny_bert, out, "--train_file", str(train), "--validation_file", str(dev), "--fsdp_size", "2")
+    argv += ["--smoothout_strength", "0.05", "--save_strategy", "steps"]
+    argv += ["--save_steps", "2", "--save_only_model", "true"]
+    output = run_launcher([*base, str(RECIPES / "glue.py"), *argv])
+    assert "world size 2 (processes)" in output
+    assert "eval_accuracy" in read(out / "all_results.json")
+    assert (out / "checkpoint-2" / "smoothout_sharded_state" / ".metadata").is_file()
+    resumed = [*argv, "--resume_from_checkpoint", str(out / "checkpoint-2"), "--output_dir", str(tmp_path / "again")]
+    run_launcher([*base, str(RECIPES / "glue.py"), *resumed])
+    state = read(tmp_path / "again" / "trainer_state.json")
+    assert state["global_step"] == 4
+
+
 # ---------------------------------------------------------------------------- errors
 def error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     train = write_csv(tmp_path / "train.csv", sentiment_rows(16, 0))
