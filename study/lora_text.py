@@ -40,8 +40,8 @@ from typing import Any, Literal
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import execute, optional_flags, recipe_results
 from stats import mean_std, paired_interval
-from text_large_batch import execute
 
 from hf_smoothout.modelcard import markdown_table
 
@@ -139,19 +139,18 @@ def recipe_command(study: LoraStudyArguments, run: Run) -> list[str]:
             cmd += ["--max_eval_samples", str(study.max_eval_samples)]
     if run.phase == "sweep":
         cmd += ["--holdout_fraction", str(study.holdout_fraction)]
-    for flag, value in (
-        ("--max_train_samples", study.max_train_samples),
-        ("--num_hidden_layers", study.num_hidden_layers),
-        ("--model_name_or_path", study.model_name_or_path),
-    ):
-        if value is not None:
-            cmd += [flag, str(value)]
+    cmd += optional_flags(
+        [
+            ("--max_train_samples", study.max_train_samples),
+            ("--num_hidden_layers", study.num_hidden_layers),
+            ("--model_name_or_path", study.model_name_or_path),
+        ]
+    )
     return cmd
 
 
 def results(study: LoraStudyArguments, run: Run) -> dict[str, Any] | None:
-    path = run.folder(study) / "all_results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return recipe_results(run.folder(study))
 
 
 def train(study: LoraStudyArguments, runs: list[Run]) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, Literal
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import execute, optional_flags, recipe_results
 from stats import mean_std
 
 from hf_smoothout.modelcard import markdown_table, write_model_card, write_study_rows
@@ -176,28 +176,18 @@ def recipe_command(study: TextStudyArguments, run: Run) -> list[str]:
         cmd += ["--holdout_fraction", str(study.holdout_fraction)]
     else:
         cmd += ["--train_eval_samples", str(study.train_eval_samples), "--save_processed_data", "true"]
-    for flag, value in (
-        ("--max_train_samples", study.max_train_samples),
-        ("--max_eval_samples", study.max_eval_samples),
-        ("--model_name_or_path", study.model_name_or_path),
-    ):
-        if value is not None:
-            cmd += [flag, str(value)]
+    cmd += optional_flags(
+        [
+            ("--max_train_samples", study.max_train_samples),
+            ("--max_eval_samples", study.max_eval_samples),
+            ("--model_name_or_path", study.model_name_or_path),
+        ]
+    )
     return cmd
 
 
 def results(study: TextStudyArguments, run: Run) -> dict[str, Any] | None:
-    path = run.folder(study) / "all_results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def execute(command: list[str], log: Path, what: str) -> None:
-    """Run ``command`` with its output in ``log``; raise with the log's path when it fails."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as handle:
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit {done.returncode}); see {log}")
+    return recipe_results(run.folder(study))
 
 
 def train(study: TextStudyArguments, runs: list[Run]) -> None:

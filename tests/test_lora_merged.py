@@ -117,7 +117,18 @@ def test_adapter_gradient_equals_hand_gradient_at_the_perturbed_merged_weight(ad
         head_noisy = {n: p.detach().clone() for n, p in model.named_parameters() if "modules_to_save" in n}
         model(**data)["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    hand = hand_gradients(model, noisy, head_noisy, data)
+    assert set(grads) == set(hand)
+    assert any("lora_A" in n for n in grads) and any("modules_to_save" in n for n in grads)
+    for name, grad in hand.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
+
+def hand_gradients(
+    model: nn.Module, noisy: dict[str, torch.Tensor], head_noisy: dict[str, torch.Tensor], data: dict
+) -> dict[str, torch.Tensor]:
+    """The gradients of a copy of ``model`` whose LoRA base weights hold ``W + tau`` (``noisy``) and whose head
+    holds its noisy values, computed by plain autograd with no engine (the copy's forward is the plain one)."""
     hand = copy.deepcopy(model)
     hand.zero_grad()
     with torch.no_grad():
@@ -127,11 +138,7 @@ def test_adapter_gradient_equals_hand_gradient_at_the_perturbed_merged_weight(ad
             if name in head_noisy:
                 p.copy_(head_noisy[name])
     hand(**data)["loss"].backward()
-    assert set(grads) == {n for n, p in hand.named_parameters() if p.grad is not None}
-    assert any("lora_A" in n for n in grads) and any("modules_to_save" in n for n in grads)
-    for name, p in hand.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    return {n: p.grad for n, p in hand.named_parameters() if p.grad is not None}
 
 
 def test_noise_is_real_and_changes_every_draw():
