@@ -160,6 +160,11 @@ def main() -> None:
     arms: dict[str, tuple[type[Trainer], SmoothOutConfig | None]] = {"plain Trainer": (Trainer, None)}
     for adapt in ("filter", "none", "weight"):
         arms[f"SmoothOut {adapt}/copy"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, adapt=adapt))
+    arms["SmoothOut filter/swap"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, restore="swap"))
+    arms["SmoothOut none/swap"] = (
+        SmoothOutTrainer,
+        SmoothOutConfig(strength=args.strength, adapt="none", restore="swap"),
+    )
     arms["SmoothOut filter/no prefetch"] = (
         SmoothOutTrainer,
         SmoothOutConfig(strength=args.strength, adapt="filter", prefetch="never"),

@@ -73,7 +73,7 @@ def main() -> None:
     model = BertModel(config).to(device)
     variants: dict[str, SmoothOut] = {}
     for adapt in ("filter", "none", "weight"):
-        for restore in ("copy", "regenerate"):
+        for restore in ("copy", "swap", "regenerate"):
             cfg = SmoothOutConfig(strength=0.01, adapt=adapt, restore=restore, seed=0)
             variants[f"{adapt}/{restore}"] = SmoothOut(model, cfg)
     engine = variants["filter/copy"]

@@ -277,6 +277,11 @@ class SmoothOut:
                 "parameters with config.exclude, or use adapt='none' or 'weight' (element-wise, any sharding)."
             )
         self._sharded = bool(sharded)
+        if sharded and config.enabled and config.restore == "swap":
+            raise ValueError(
+                f"SmoothOut: restore='swap' cannot point {sharded[0].name!r} at another buffer: it is sharded "
+                "(FSDP2/DTensor), and its local shard belongs to FSDP's own storage. Use restore='copy' (bit-exact)."
+            )
         base_seed = config.seed if config.seed is not None else torch.initial_seed() % (2**63)
         self.base_seed = base_seed
         self.num_threads = num_threads if num_threads is not None else max(1, torch.get_num_threads())
@@ -373,7 +378,19 @@ class SmoothOut:
 
     # ------------------------------------------------------------------ buffers
     def _uses_backup(self) -> bool:
-        return self.config.denoise and self.config.restore == "copy"
+        """Copy and swap restores keep a second buffer per parameter (copy: the clean values; swap: the noisy)."""
+        return self.config.denoise and self.config.restore in ("copy", "swap")
+
+    def _swaps(self) -> bool:
+        return self.config.denoise and self.config.restore == "swap"
+
+    def _clean(self, slot: _Slot) -> torch.Tensor:
+        """Where the clean values are while perturbed."""
+        return slot.data if self._swaps() else slot.backup  # type: ignore[return-value]
+
+    def _noisy(self, slot: _Slot) -> torch.Tensor:
+        """Where the noisy values are written (and raw draws land before that)."""
+        return slot.backup if self._swaps() else slot.data  # type: ignore[return-value]
 
     def _allocate(self) -> None:
         """(Re)build streams and buffers for the parameters' current storage, device, dtype and shape."""
@@ -482,12 +499,14 @@ class SmoothOut:
             sizes[i] += stream.numel
         self._runner.run([load for load in loads if load], work, inline=others, cancellable=cancellable)
 
-    def _all_finite(self) -> bool:
-        """Whether every selected weight is finite (one max-abs reduction per tensor, one sync per device)."""
+    def _all_finite(self, noisy: bool = False) -> bool:
+        """Whether every selected weight (``noisy``: as the forward pass sees it now) is finite (one max-abs
+        reduction per tensor, one sync per device)."""
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for slot in self._slots:
-            if slot.data.numel():  # a shard may hold no rows (a 2-row head over 4 ranks): nothing to check there
-                by_device.setdefault(slot.data.device, []).append(slot.data)
+            tensor = self._noisy(slot) if noisy else slot.data
+            if tensor.numel():  # a shard may hold no rows (a 2-row head over 4 ranks): nothing to check there
+                by_device.setdefault(tensor.device, []).append(tensor)
         finite = True
         for tensors in by_device.values():
             peaks = torch._foreach_norm(tensors, ord=math.inf)
@@ -500,7 +519,7 @@ class SmoothOut:
 
     def _first_non_finite(self) -> str:
         for slot in self._slots:
-            if not bool(torch.isfinite(slot.data).all()):
+            if not bool(torch.isfinite(self._noisy(slot)).all()):
                 return slot.name
         return "?"
 
@@ -545,7 +564,7 @@ class SmoothOut:
         with torch.no_grad():
             check_finite = strength > _FINITE_CHECK_GROWTH * self._checked_strength
             clean_finite = self._all_finite() if check_finite else False
-            if self._uses_backup():
+            if self._uses_backup() and not self._swaps():
                 for params, backups in self._copy_groups:
                     torch._foreach_copy_(backups, params)
             for stream in self._streams:
@@ -560,6 +579,9 @@ class SmoothOut:
                     # torch's intra-op threads are not competing with the workers' own.
                     self._run_streams(self._draw_stream, cancellable=True)
                 self._apply_noise(strength, prefetched)
+                if self._swaps():  # the forward and backward pass now read the noisy buffers
+                    for slot in self._slots:
+                        slot.param.data = slot.backup
                 if self._prefetcher is not None:  # the next draw, on the background thread, during this forward
                     self._prefetcher.start(self._prefetch_tag(self._draws + 1), self._prefetch_fill(self._draws + 1))
             else:
@@ -577,7 +599,7 @@ class SmoothOut:
                     check_finite=check_finite,
                 )
             if clean_finite:
-                if not self._all_finite():
+                if not self._all_finite(noisy=True):
                     raise NonFiniteNoiseError(
                         f"SmoothOut: noise of strength {strength:g} (adapt={self.config.adapt!r}) made finite "
                         f"weights non-finite (first in {self._first_non_finite()!r}): the strength is far too "
@@ -600,13 +622,13 @@ class SmoothOut:
         """
         for slot in stream.slots:
             if slot.span is None:
-                draw_(slot.data, self.config.distribution, stream.generator)
+                draw_(self._noisy(slot), self.config.distribution, stream.generator)
                 continue
             if stream.block_generator is None:
                 stream.block_generator = torch.Generator(device=stream.device)
             seed = derive_seed(self.base_seed, 0, _ROW_BLOCK_STREAMS + slot.index, self._draws)
             draw_row_blocks_(
-                slot.data,
+                self._noisy(slot),
                 slot.span,
                 slot.global_shape,
                 seed,
@@ -646,25 +668,29 @@ class SmoothOut:
         """``param = backup + multiplier * u`` for every slot, ``u`` being what `_draw_stream` left in it (or the
         prefetched buffer of the slot)."""
         cfg = self.config
-        draws = {id(slot): slot.data for slot in self._slots}
+        draws = {id(slot): self._noisy(slot) for slot in self._slots}
         if prefetched is not None:
             draws = {id(slot): u for slot, u in zip(self._slots, prefetched, strict=True)}
         if cfg.adapt not in ROW_SCALED_MODES:
             for slot in self._slots:
-                assert slot.backup is not None
                 add_noise_(
-                    slot.data, slot.backup, draws[id(slot)], adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis
+                    self._noisy(slot),
+                    self._clean(slot),
+                    draws[id(slot)],
+                    adapt=cfg.adapt,
+                    strength=strength,
+                    row_axis=slot.row_axis,
                 )
             return
         for slots in self._slot_groups:
             if slots and slots[0].reduce_groups:  # rows split across ranks: same order on every rank
                 for slot in slots:
                     u = draws[id(slot)]
-                    scale = _split_row_scale(slot, u, strength, normalize=cfg.adapt == "filter")
-                    torch.addcmul(slot.backup, u, scale, out=slot.data)
+                    scale = _split_row_scale(slot, self._clean(slot), u, strength, normalize=cfg.adapt == "filter")
+                    torch.addcmul(self._clean(slot), u, scale, out=self._noisy(slot))
                 continue
             scales = filter_scales_(
-                [slot.backup for slot in slots],  # type: ignore[misc]
+                [self._clean(slot) for slot in slots],
                 [draws[id(slot)] for slot in slots],
                 strength,
                 [slot.row_axis for slot in slots],
@@ -672,7 +698,7 @@ class SmoothOut:
                 normalize=cfg.adapt == "filter",
             )
             for slot, scale in zip(slots, scales, strict=True):
-                torch.addcmul(slot.backup, draws[id(slot)], scale, out=slot.data)
+                torch.addcmul(self._clean(slot), draws[id(slot)], scale, out=self._noisy(slot))
 
     def _perturb_chunks(self, stream: _Stream, worker: int, strength: float) -> None:
         """No backup (regenerate restore, or no de-noising): draw chunk by chunk into scratch and add in place."""
@@ -699,7 +725,10 @@ class SmoothOut:
                 self._merged.disarm()  # nothing to undo: merged-space noise never touches a weight
             if not self._noop and self.config.denoise:
                 with torch.no_grad():
-                    if self._uses_backup():
+                    if self._swaps():  # back at the untouched clean tensors: nothing to copy
+                        for slot in self._slots:
+                            slot.param.data = slot.data
+                    elif self._uses_backup():
                         for params, backups in self._copy_groups:
                             torch._foreach_copy_(params, backups)
                     else:
@@ -853,13 +882,15 @@ def validate_state(state: Any) -> None:
             )
 
 
-def _split_row_scale(slot: _Slot, draw: torch.Tensor, strength: float, *, normalize: bool = True) -> torch.Tensor:
+def _split_row_scale(
+    slot: _Slot, clean: torch.Tensor, draw: torch.Tensor, strength: float, *, normalize: bool = True
+) -> torch.Tensor:
     """The per-row multiplier of ``filter`` (``normalize``) or ``filter_std`` for rows split across ranks: partial
     squared norms all-reduced first."""
-    assert slot.backup is not None and slot.norms is not None
+    assert slot.norms is not None
     scale, draw_norm = slot.norms
-    dims = tuple(d for d in range(slot.backup.ndim) if d != slot.row_axis)
-    torch.sum(slot.backup.square(), dim=dims, keepdim=True, out=scale)
+    dims = tuple(d for d in range(clean.ndim) if d != slot.row_axis)
+    torch.sum(clean.square(), dim=dims, keepdim=True, out=scale)
     torch.sum(draw.square(), dim=dims, keepdim=True, out=draw_norm)
     both = torch.stack([scale, draw_norm])
     for group in slot.reduce_groups:

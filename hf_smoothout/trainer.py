@@ -118,6 +118,12 @@ class SmoothOutMixin:
             check_trainer_setup(self)
             if getattr(self, "is_deepspeed_enabled", False):
                 check_deepspeed(self, self.smoothout_config.samples)
+                if self.smoothout_config.restore == "swap":
+                    raise ValueError(
+                        "SmoothOut restore='swap' is not supported with DeepSpeed: its parameters are views into "
+                        "DeepSpeed's flat buffers, which pointing them at another tensor would cut. Use "
+                        "restore='copy' (bit-exact, restored before DeepSpeed's optimizer step)."
+                    )
             check_restore_mode(self.smoothout_config, self.args.world_size)
             check_selection(self.model, self.smoothout_config)
         self.smoothout: SmoothOut | None = None

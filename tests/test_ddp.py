@@ -13,7 +13,8 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
 @pytest.mark.multiprocess
-def test_two_process_ddp_keeps_replicas_identical(tmp_path):
+@pytest.mark.parametrize("restore", ["copy", "swap"])
+def test_two_process_ddp_keeps_replicas_identical(tmp_path, restore):
     steps = 20
     cmd = [
         sys.executable,
@@ -46,6 +47,8 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
         "filter",
         "--seed",
         "3",
+        "--smoothout_restore",
+        restore,
     ]
     run_launcher(cmd)
     result = json.loads((tmp_path / "ddp_result.json").read_text())

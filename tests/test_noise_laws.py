@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_smoothout import SmoothOut, SmoothOutConfig
-from hf_smoothout.config import SCHEDULES
+from hf_smoothout.config import RESTORE_MODES, SCHEDULES
 from hf_smoothout.noise import UNIFORM_LEVELS
 
 
@@ -59,7 +59,7 @@ def draw(model: nn.Module, config: SmoothOutConfig, step: int = 0, total: int | 
     engine.perturb(step, total)
     noise = {n: p.detach().double() - clean[n].double() for n, p in model.named_parameters()}
     engine.restore()
-    if config.restore == "copy":
+    if config.restore in ("copy", "swap"):
         assert_params_equal(model, clean)
     else:
         for n, p in model.named_parameters():
@@ -73,7 +73,7 @@ def zoo() -> ZooModel:
     return ZooModel()
 
 
-@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+@pytest.mark.parametrize("restore", RESTORE_MODES)
 @pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
 def test_filter_rows_have_noise_norm_a_times_row_norm(zoo, restore, distribution):
     a = 0.05
@@ -96,7 +96,7 @@ def test_filter_rows_have_noise_norm_a_times_row_norm(zoo, restore, distribution
         assert torch.count_nonzero(noise[name]) == 0, name
 
 
-@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+@pytest.mark.parametrize("restore", RESTORE_MODES)
 def test_filter_std_rows_scale_the_raw_draw_by_the_row_rms(zoo, restore):
     """filter_std: tau = a * ||w_row|| / sqrt(n) * u, so tau / (a * rms(w_row)) is the raw U(-1, 1) draw."""
     a = 0.05
@@ -122,7 +122,7 @@ def test_conv1d_rows_are_output_columns(zoo):
     assert not torch.allclose(per_stored_row, wrong_axis, rtol=1e-2)
 
 
-@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+@pytest.mark.parametrize("restore", RESTORE_MODES)
 def test_uniform_box(zoo, restore):
     a = 0.03
     noise, _, _ = draw(zoo, SmoothOutConfig(strength=a, adapt="none", restore=restore, seed=2))
@@ -135,7 +135,7 @@ def test_uniform_box(zoo, restore):
     assert everything.mean().abs() < 0.1 * a
 
 
-@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+@pytest.mark.parametrize("restore", RESTORE_MODES)
 def test_weight_mode_bounded_by_a_abs_w(zoo, restore):
     a = 0.2
     noise, clean, _ = draw(zoo, SmoothOutConfig(strength=a, adapt="weight", restore=restore, seed=4))
