@@ -290,12 +290,20 @@ def metric_label(key: str) -> str:
 
 
 def describe_smoothout(settings: Mapping[str, Any] | None) -> str:
-    """One-line summary such as ``SmoothOut a=0.01 (filter, uniform, constant)`` or ``SmoothOut off``."""
+    """One-line summary such as ``SmoothOut a=0.01 (filter, uniform, constant)`` or ``SmoothOut off``.
+
+    Example:
+        >>> describe_smoothout({"strength": 0.05, "adapt": "filter_std", "distribution": "gaussian",
+        ...                     "schedule": "cosine", "space": "lora_merged"})
+        'SmoothOut a=0.05 (filter_std, gaussian, cosine, on the merged LoRA weights)'
+    """
     if not settings or not float(settings.get("strength", 0) or 0) > 0:
         return "SmoothOut off"
     name = "AdaSmoothOut" if settings.get("adapt") == "filter" else "SmoothOut"
     details = [str(settings.get(k)) for k in ("adapt", "distribution", "schedule") if settings.get(k) is not None]
     extra = f", {settings['samples']} samples" if int(settings.get("samples", 1) or 1) > 1 else ""
+    if settings.get("space") == "lora_merged":
+        extra += ", on the merged LoRA weights"
     return f"{name} a={float(settings['strength']):g} ({', '.join(details)}{extra})"
 
 
