@@ -243,6 +243,9 @@ def typical_relative_noise(config: Any, params: list[torch.Tensor]) -> float:
         >>> from hf_smoothout import SmoothOutConfig
         >>> round(typical_relative_noise(SmoothOutConfig(strength=0.1, adapt="weight"), []), 3)
         0.05
+        >>> none = SmoothOutConfig(strength=0.01, adapt="none")  # zero tensors (a fresh LoRA B) are left out
+        >>> round(typical_relative_noise(none, [torch.ones(4, 4), torch.zeros(4, 4), torch.zeros(4)]), 3)
+        0.005
     """
     mean_abs_u = 0.5 if config.distribution == "uniform" else math.sqrt(2.0 / math.pi)
     if config.adapt == "filter":
@@ -253,5 +256,6 @@ def typical_relative_noise(config: Any, params: list[torch.Tensor]) -> float:
     for p in params:
         norm = float(torch.linalg.vector_norm(p.detach(), dtype=torch.float32)) if p.numel() else 0.0
         rms = norm / math.sqrt(p.numel()) if p.numel() else 0.0
-        ratios.append(config.strength * mean_abs_u / rms if rms > 0 else math.inf)
+        if rms > 0:  # all-zero tensors (a fresh LoRA B, zero-initialized biases) have no scale to compare with
+            ratios.append(config.strength * mean_abs_u / rms)
     return float(sorted(ratios)[len(ratios) // 2]) if ratios else math.inf
