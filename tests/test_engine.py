@@ -47,12 +47,14 @@ def test_double_perturb_is_refused(tiny_model):
     engine.restore()  # idempotent
 
 
+@pytest.mark.parametrize("restore", ["copy", "swap"])
 @pytest.mark.parametrize("adapt", ADAPT_MODES)
-def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch, adapt):
+def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch, adapt, restore):
     import hf_smoothout.engine as engine_module
 
-    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.5, adapt=adapt, seed=0))
+    engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.5, adapt=adapt, restore=restore, seed=0))
     clean = clone_params(tiny_model)
+    storage = {n: p.data_ptr() for n, p in tiny_model.named_parameters()}
     calls = {"n": 0}
     real = engine_module.draw_
 
@@ -67,6 +69,7 @@ def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch, ada
         engine.perturb()
     assert not engine.is_perturbed
     assert_params_equal(tiny_model, clean)
+    assert {n: p.data_ptr() for n, p in tiny_model.named_parameters()} == storage  # swap: back on the clean tensors
 
 
 @pytest.mark.parametrize("adapt", ADAPT_MODES)
