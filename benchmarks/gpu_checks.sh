@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks in one go: the CUDA tests, perturb + restore and whole-Trainer-step overhead (also LoRA's merged
-# space), then DeepSpeed ZeRO-2 and FSDP2 with bf16 on the one GPU.
+# space), then DeepSpeed ZeRO-2 and FSDP2 (transformers' and accelerate's) with bf16 on the one GPU.
 #
 # Usage (from the repository root, on a machine with one CUDA GPU and torch/transformers/accelerate):
 #     bash benchmarks/gpu_checks.sh [OUTPUT_DIR]     # default gpu_results/; about 8 minutes on an H100
@@ -41,4 +41,9 @@ cat "$out/zero2/deepspeed_result.json" 2>/dev/null | tee -a "$out/zero2_bf16.log
 FSDP_TEST_SHARDS=1 "${launch[@]}" tests/fsdp_train.py --output_dir "$out/fsdp2" "${common[@]}" 2>&1 \
   | tail -n 20 | tee "$out/fsdp2_bf16.log"
 cat "$out/fsdp2/fsdp_result.json" 2>/dev/null | tee -a "$out/fsdp2_bf16.log"; echo
+# the same through accelerate's FSDP2 plugin (the model is sharded inside train)
+FSDP_TEST_SHARDS=1 FSDP_TEST_ROUTE=accelerate "${launch[@]}" tests/fsdp_train.py --output_dir "$out/fsdp2_accelerate" \
+  "${common[@]}" --fsdp full_shard --fsdp_config '{"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}' \
+  2>&1 | tail -n 20 | tee "$out/fsdp2_accelerate_bf16.log"
+cat "$out/fsdp2_accelerate/fsdp_result.json" 2>/dev/null | tee -a "$out/fsdp2_accelerate_bf16.log"; echo
 exit "$status"

@@ -42,13 +42,19 @@ def check_trainer_setup(trainer: Any) -> None:
             "pass, inside training_step, so removing the noise afterwards would undo or corrupt the update. "
             "Use a regular optimizer (e.g. adamw_torch, sgd, or the non-layerwise GaLore/APOLLO variant)."
         )
-    if getattr(trainer, "is_fsdp_enabled", False):
+    if getattr(trainer, "is_fsdp_enabled", False) and fsdp_version(trainer) != 2:
         raise ValueError(
-            "SmoothOut does not support FSDP through accelerate's FSDP plugin yet: FSDP1 flattens parameters, so "
-            "rows are split anywhere, and the plugin's FSDP2 path is not verified. Supported: FSDP2 as transformers "
-            "loads it (from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N)) under torchrun), "
-            "DeepSpeed ZeRO-2, or DDP."
+            "SmoothOut does not support FSDP1 (accelerate's FSDP plugin with fsdp_version 1): it flattens the "
+            "parameters, so a weight's rows are split anywhere and can be neither scaled per row nor restored per "
+            "row. Use FSDP2 (fsdp_config={'version': 2}, the default in transformers, or fsdp_version: 2 in the "
+            "accelerate config), which shards each weight along its rows."
         )
+
+
+def fsdp_version(trainer: Any) -> int | None:
+    """The FSDP version of ``trainer``'s accelerate FSDP plugin (1 or 2), or ``None`` without one."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    return None if plugin is None else int(getattr(plugin, "fsdp_version", 1))
 
 
 def warn_if_below_resolution(config: SmoothOutConfig, params: list[torch.Tensor], compute_dtype: torch.dtype) -> bool:

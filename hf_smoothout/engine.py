@@ -455,6 +455,27 @@ class SmoothOut:
         if enabled and self._uses_backup() and all_cpu and wanted and not row_blocks:
             self._prefetcher = NoisePrefetcher([slot.data for slot in self._slots])
 
+    @property
+    def parameters_replaced(self) -> bool:
+        """Whether a selected parameter object was replaced in the model since this engine was built.
+
+        Wrappers that re-register parameters (accelerate's FSDP2 ``fully_shard`` makes every weight a new
+        DTensor ``Parameter``) leave the engine bound to objects the forward pass no longer uses; build a new
+        engine then (`SmoothOutTrainer` does, carrying the noise position over).
+
+        Example:
+            >>> from torch import nn
+            >>> layer = nn.Linear(2, 2)
+            >>> so = SmoothOut(layer, SmoothOutConfig(strength=0.1))
+            >>> layer.weight = nn.Parameter(layer.weight.detach().clone())
+            >>> so.parameters_replaced
+            True
+        """
+        return any(
+            slot.module is not None and slot.module._parameters.get(slot.local_name) is not slot.param
+            for slot in self._slots
+        )
+
     def _check_bindings(self) -> None:
         """Re-bind the buffers if a parameter's storage changed; refuse a parameter object that was replaced."""
         stale = False

@@ -136,7 +136,18 @@ class SmoothOutMixin:
 
     # ------------------------------------------------------------------ engine
     def smoothout_engine(self) -> SmoothOut:
-        """The engine bound to the current ``self.model`` (built on first use, rebuilt if the model changes)."""
+        """The engine bound to the current ``self.model`` (built on first use, rebuilt if the model changes).
+
+        Also rebuilt when the model's parameter objects were replaced (accelerate's FSDP2 preparation shards
+        every weight into a new DTensor parameter inside ``train``); the noise position carries over.
+        """
+        old = self.smoothout
+        if old is not None and old.model is self.model and old.parameters_replaced:
+            if self._smoothout_pending_state is None:
+                self._smoothout_pending_state = old.state_dict()
+            old.detach()
+            old.close()
+            self.smoothout = None
         if self.smoothout is None or self.smoothout.model is not self.model:
             engine = SmoothOut(
                 self.model, self.smoothout_config, rank=self.args.process_index, world_size=self.args.world_size

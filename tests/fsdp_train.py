@@ -1,7 +1,11 @@
-"""Two-process FSDP2 check (transformers' own ``DistributedConfig(fsdp_size=2)``), launched by tests/test_fsdp.py
-with ``torchrun --standalone --nproc_per_node 2 tests/fsdp_train.py --use_cpu --output_dir DIR ...``.
+"""Two-process FSDP2 check, launched by tests/test_fsdp.py with
+``torchrun --standalone --nproc_per_node 2 tests/fsdp_train.py --use_cpu --output_dir DIR ...``.
 
-A tiny BERT classifier is saved, loaded sharded (DTensor parameters, ``Shard(0)``) and trained with SmoothOut.
+``FSDP_TEST_ROUTE=transformers`` (default): a tiny BERT classifier is saved and loaded sharded by transformers'
+own ``DistributedConfig(fsdp_size=2)``. ``FSDP_TEST_ROUTE=accelerate``: the model stays whole and accelerate's
+FSDP plugin (``--fsdp full_shard --fsdp_config '{"version": 2}'``) shards it inside ``train``, as users run it on
+GPUs (see `emulate_accelerate_fsdp_on_cpu`). Either way the parameters become DTensors (``Shard(0)``) and are
+trained with SmoothOut.
 A forward pre-hook records the *unsharded* weight the forward pass sees; a callback checks that every rank's
 shards are restored bit-exactly before each optimizer step. Rank 0 writes ``DIR/fsdp_result.json``.
 """
@@ -49,6 +53,28 @@ def build(kind: str):
     return BertForSequenceClassification(config)
 
 
+def emulate_accelerate_fsdp_on_cpu() -> None:
+    """Let accelerate's FSDP plugin shard on CPU processes.
+
+    accelerate turns the plugin on only for accelerator devices (for ``MULTI_CPU`` it silently falls back to
+    DDP), although its FSDP2 path (``fully_shard`` over a CPU device mesh, gloo) runs on CPU. Marking the
+    process state as multi-device before the Trainer builds its ``Accelerator`` takes the branch GPU users
+    take; everything after it (``fsdp2_prepare_model``, the optimizer's parameter switch, the FSDP checkpoint
+    functions) is accelerate's real code on CPU tensors. Elsewhere (a GPU run) it changes nothing.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState()
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor parameter (gathered), else the tensor itself."""
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
 def local_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
 
@@ -74,29 +100,36 @@ def main() -> None:
     assert args.world_size == shards  # sets up the process group
     kind = os.environ.get("FSDP_TEST_MODEL", "bert")
     watched_name, norm_dim = MODELS[kind]
+    route = os.environ.get("FSDP_TEST_ROUTE", "transformers")
     path = os.path.join(args.output_dir, f"tiny_{kind}")
     if dist.get_rank() == 0:
         build(kind).save_pretrained(path)
     dist.barrier()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, distributed_config=DistributedConfig(fsdp_size=shards)
-    )
+    if route == "accelerate":
+        emulate_accelerate_fsdp_on_cpu()
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, distributed_config=DistributedConfig(fsdp_size=shards)
+        )
     model.accepts_loss_kwargs = False
     watched = model.get_submodule(watched_name)
-    placements = str(watched.weight.placements)
-    clean_full = watched.weight.full_tensor().detach().clone()
+    clean_full = full(watched.weight).detach().clone()
     seen: list[torch.Tensor] = []
 
     def record(module, _inputs):
         if module.training and not seen:
             weight = module.weight
-            seen.append((weight.full_tensor() if hasattr(weight, "full_tensor") else weight).detach().clone())
+            seen.append(full(weight).detach().clone())
 
     watched.register_forward_pre_hook(record)
     trainer = SmoothOutTrainer(model, args, train_dataset=token_data())
+    assert trainer.is_fsdp_enabled == (route == "accelerate")
     check = ShardRestoreCheck()
     trainer.add_callback(check)
     trainer.train()
+    watched = trainer.model.get_submodule(watched_name)
+    placements = str(watched.weight.placements)
 
     noise = seen[0] - clean_full
     strength = args.smoothout_strength
@@ -124,7 +157,8 @@ def main() -> None:
         "noise_split_deviates_from_weight_split": share_deviation,
         "same_noisy_weight_on_all_ranks": all(torch.equal(gathered[0], g) for g in gathered[1:]),
         "shards_restored_each_step": check.equal,
-        "params_changed": not torch.equal(watched.weight.full_tensor(), clean_full),
+        "params_changed": not torch.equal(full(watched.weight), clean_full),
+        "route": route,
         "steps": trainer.state.global_step,
     }
     del trainer, model

@@ -1,5 +1,7 @@
-"""FSDP2 on two CPU processes (transformers' ``DistributedConfig(fsdp_size=2)``, gloo): SmoothOut perturbs and
-restores each rank's shards in place; the forward pass sees one global noise sample with the exact per-row law."""
+"""FSDP2 on two CPU processes (gloo), by both routes users take: transformers' ``DistributedConfig(fsdp_size=2)``
+and accelerate's FSDP plugin (``fsdp_config={"version": 2}``; see ``fsdp_train.emulate_accelerate_fsdp_on_cpu``).
+SmoothOut perturbs and restores each rank's shards in place; the forward pass sees one global noise sample with the
+exact per-row law."""
 
 from __future__ import annotations
 
@@ -11,23 +13,41 @@ import pytest
 from conftest import run_launcher
 
 SCRIPT = Path(__file__).with_name("fsdp_train.py")
+# accelerate's FSDP2 plugin as the Trainer builds it. BERT lists no _no_split_modules, and accelerate's default
+# wrapping then fails inside fully_shard for the plain Trainer too, so BERT names its layer class.
+ACCELERATE_FSDP = {
+    "bert": ["--fsdp", "full_shard", "--fsdp_config", '{"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}'],
+    "gpt2": ["--fsdp", "full_shard", "--fsdp_config", '{"version": 2}'],
+}
+
+
+def run_fsdp_train(out: Path, model: str, route: str) -> dict:
+    """``tests/fsdp_train.py`` on 2 processes: 4 steps of 2 micro-batches; returns its result."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+        "--use_cpu", "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "8",
+        "--gradient_accumulation_steps", "2", "--learning_rate", "0.01", "--report_to", "none",
+        "--save_strategy", "no", "--disable_tqdm", "true", "--smoothout_strength", "0.05", "--seed", "3",
+    ]  # fmt: skip
+    if route == "accelerate":
+        cmd += ACCELERATE_FSDP[model]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FSDP_TEST_MODEL", model)
+        patch.setenv("FSDP_TEST_ROUTE", route)
+        run_launcher(cmd)
+    result = json.loads((out / "fsdp_result.json").read_text())
+    assert result["route"] == route
+    return result
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("route", ["transformers", "accelerate"])
 @pytest.mark.parametrize(
     ("model", "sharded", "full"),
     [("bert", [32, 32], [64, 32]), ("gpt2", [16, 128], [32, 128])],  # gpt2: Conv1D [in, out], rows split
 )
-def test_fsdp2_shards_get_the_noise_law_and_are_restored_bit_exactly(tmp_path, monkeypatch, model, sharded, full):
-    monkeypatch.setenv("FSDP_TEST_MODEL", model)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-        "--use_cpu", "--output_dir", str(tmp_path), "--max_steps", "4", "--per_device_train_batch_size", "8",
-        "--gradient_accumulation_steps", "2", "--learning_rate", "0.01", "--report_to", "none",
-        "--save_strategy", "no", "--disable_tqdm", "true", "--smoothout_strength", "0.05", "--seed", "3",
-    ]  # fmt: skip
-    run_launcher(cmd)
-    result = json.loads((tmp_path / "fsdp_result.json").read_text())
+def test_fsdp2_shards_get_the_noise_law_and_are_restored_bit_exactly(tmp_path, model, sharded, full, route):
+    result = run_fsdp_train(tmp_path, model, route)
     assert result["model"] == model and result["world_size"] == 2 and result["steps"] == 4
     assert result["placements"] == "(Shard(dim=0),)"
     assert result["sharded_rows"] == sharded and result["full_rows"] == full  # each rank holds half of dim 0
@@ -38,6 +58,21 @@ def test_fsdp2_shards_get_the_noise_law_and_are_restored_bit_exactly(tmp_path, m
     assert result["same_noisy_weight_on_all_ranks"]  # one global sample per micro-batch
     assert result["shards_restored_each_step"] == [True] * 4  # bit-exact on every rank before every step
     assert result["params_changed"]
+
+
+@pytest.mark.multiprocess
+def test_accelerate_fsdp2_draws_the_same_noise_as_transformers_fsdp2(tmp_path):
+    """The plugin shards inside train(): the engine rebinds to the new DTensor parameters and draws the same
+    global noise as a model sharded at load time (whose training equals an unsharded replay, below)."""
+    import torch
+
+    noises = []
+    for route in ("transformers", "accelerate"):
+        result = run_fsdp_train(tmp_path / route, "bert", route)
+        assert result["shards_restored_each_step"] == [True] * 4
+        noises.append(torch.load(tmp_path / route / "first_noise.pt"))
+    assert torch.count_nonzero(noises[0]) == noises[0].numel()
+    assert torch.equal(noises[0], noises[1])
 
 
 @pytest.mark.multiprocess
@@ -59,19 +94,32 @@ def test_fsdp2_training_equals_unsharded_training_with_the_same_global_noise(tmp
 
 
 @pytest.mark.multiprocess
-def test_fsdp2_resume_from_a_checkpoint_is_bit_exact(tmp_path):
-    """transformers cannot resume a model sharded at load time; SmoothOutTrainer's sharded checkpoint can."""
+@pytest.mark.parametrize("route", ["transformers", "accelerate-full", "accelerate-sharded"])
+def test_fsdp2_resume_from_a_checkpoint_is_bit_exact(tmp_path, monkeypatch, route):
+    """transformers cannot resume a model sharded at load time; SmoothOutTrainer's sharded checkpoint can. Under
+    accelerate's plugin the Trainer's own FSDP checkpoints (full or sharded state dict) resume bit-exactly."""
     script = Path(__file__).with_name("fsdp_resume_train.py")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
         "--use_cpu", "--output_dir", str(tmp_path), "--max_steps", "6", "--save_strategy", "steps",
-        "--save_steps", "3", "--save_only_model", "true", "--per_device_train_batch_size", "4",
+        "--save_steps", "3", "--per_device_train_batch_size", "4",
         "--learning_rate", "0.01", "--report_to", "none", "--disable_tqdm", "true",
         "--smoothout_strength", "0.05", "--seed", "3",
     ]  # fmt: skip
+    if route == "transformers":
+        cmd += ["--save_only_model", "true"]
+    else:
+        state_dict = {"accelerate-full": "FULL_STATE_DICT", "accelerate-sharded": "SHARDED_STATE_DICT"}[route]
+        fsdp_config = {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"], "state_dict_type": state_dict}
+        cmd += ["--fsdp", "full_shard", "--fsdp_config", json.dumps(fsdp_config)]
+        monkeypatch.setenv("FSDP_TEST_ROUTE", "accelerate")
     run_launcher(cmd)
     result = json.loads((tmp_path / "fsdp_resume_result.json").read_text())
-    assert result["world_size"] == 2 and result["sharded_state_saved"]
+    assert result["world_size"] == 2 and result["sharded_state_saved"] == (route == "transformers")
+    if route == "accelerate-full":
+        assert "pytorch_model_fsdp.bin" in result["checkpoint_files"]
+    if route == "accelerate-sharded":
+        assert "pytorch_model_fsdp_0" in result["checkpoint_files"]
     assert result["steps"] == [6, 6] and result["draws"] == [6, 6]
     assert result["trained"]
     assert result["resumed_equals_uninterrupted"], result["max_difference"]

@@ -410,6 +410,40 @@ def test_fsdp2_through_the_recipe_trains_checkpoints_and_resumes(tiny_bert, sent
     assert state["global_step"] == 4
 
 
+def accelerate_config_environment(config: Path) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file CONFIG`` gives each process (accelerate's own parser)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "recipes/glue.py"])
+    args, _, _ = _validate_launch_command(args)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+@pytest.mark.multiprocess
+def test_accelerate_fsdp2_config_trains_the_recipe_and_resumes(tiny_bert, sentiment_files, tmp_path, monkeypatch):
+    """``recipes/configs/accelerate_fsdp2.yaml``: its environment makes the recipe's Trainer shard with
+    accelerate's FSDP2 plugin (emulated on CPU, see tests/emulated_accelerate_fsdp.py); SmoothOut trains the
+    shards, writes sharded FSDP checkpoints and resumes from one."""
+    environment = accelerate_config_environment(RECIPES / "configs" / "accelerate_fsdp2.yaml")
+    assert environment["ACCELERATE_USE_FSDP"] == "true" and environment["FSDP_VERSION"] == "2"
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    train, dev = sentiment_files
+    out = tmp_path / "fsdp"
+    wrapper = Path(__file__).with_name("emulated_accelerate_fsdp.py")
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper)]
+    argv = tiny_args(tiny_bert, out, "--train_file", str(train), "--validation_file", str(dev))
+    argv += ["--smoothout_strength", "0.05", "--save_strategy", "steps", "--save_steps", "2"]
+    output = run_launcher([*base, str(RECIPES / "glue.py"), *argv])
+    assert "world size 2 (processes)" in output
+    assert "eval_accuracy" in read(out / "all_results.json")
+    assert (out / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # the config's SHARDED_STATE_DICT
+    resumed = [*argv, "--resume_from_checkpoint", str(out / "checkpoint-2"), "--output_dir", str(tmp_path / "again")]
+    run_launcher([*base, str(RECIPES / "glue.py"), *resumed])
+    assert read(tmp_path / "again" / "trainer_state.json")["global_step"] == 4
+
+
 # ---------------------------------------------------------------------------- errors
 def error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     train = write_csv(tmp_path / "train.csv", sentiment_rows(16, 0))

@@ -379,6 +379,26 @@ def test_lomo_is_refused_at_construction(tmp_path):
         )
 
 
+@pytest.mark.parametrize(("version", "refused"), [(1, True), (2, False), (None, False)])
+def test_fsdp1_is_refused_and_fsdp2_accepted(version, refused):
+    """FSDP1 flattens parameters (rows split anywhere); FSDP2 shards each weight along its rows."""
+    from types import SimpleNamespace
+
+    from hf_smoothout.compat import check_trainer_setup
+
+    plugin = None if version is None else SimpleNamespace(fsdp_version=version)
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(optim="adamw_torch"),
+        is_fsdp_enabled=plugin is not None,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+    )
+    if refused:
+        with pytest.raises(ValueError, match=r"FSDP1.*Use FSDP2"):
+            check_trainer_setup(trainer)
+    else:
+        check_trainer_setup(trainer)
+
+
 def test_plain_training_arguments_get_default_config_seeded_by_args(tmp_path):
     trainer = SmoothOutTrainer(
         model_with_seed(), training_args(tmp_path, seed=123), train_dataset=make_classification_data()
