@@ -30,6 +30,7 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from .adapters.deepspeed import check_deepspeed, restore_before_step
+from .adapters.dtensor import fsdp_modules, reshard_
 from .adapters.sharded_checkpoint import SHARDED_STATE_DIR, has_sharded_state, load_sharded_state, save_sharded_state
 from .arguments import SmoothOutTrainingArguments
 from .compat import check_trainer_setup, warn_if_below_resolution
@@ -131,24 +132,37 @@ class SmoothOutMixin:
         self._smoothout_samples_in_flight = 1
         self._smoothout_loss_scaled = False
         self._smoothout_loss_checked = 0.0
-        if self.smoothout_config.enabled and self.model is not None:
-            self.smoothout_engine()  # buffers and plausibility warnings now, not at the first step
+        self._smoothout_fsdp_modules: list[Any] = []
+        # Buffers and plausibility warnings now, not at the first step; except under accelerate's FSDP plugin,
+        # which shards the model only inside train (now it may be whole on every rank, or on the meta device).
+        if self.smoothout_config.enabled and self.model is not None and not getattr(self, "is_fsdp_enabled", False):
+            self.smoothout_engine()
 
     # ------------------------------------------------------------------ engine
     def smoothout_engine(self) -> SmoothOut:
         """The engine bound to the current ``self.model`` (built on first use, rebuilt if the model changes).
 
         Also rebuilt when the model's parameter objects were replaced (accelerate's FSDP2 preparation shards
-        every weight into a new DTensor parameter inside ``train``); the noise position carries over.
+        every weight into a new DTensor parameter inside ``train``); the noise position carries over. FSDP2
+        modules are resharded first, so an evaluation pass that left some of them unsharded cannot bind the
+        engine to temporary full weights.
         """
+        reshard_(self._smoothout_fsdp_modules)
         old = self.smoothout
-        if old is not None and old.model is self.model and old.parameters_replaced:
-            if self._smoothout_pending_state is None:
-                self._smoothout_pending_state = old.state_dict()
-            old.detach()
-            old.close()
-            self.smoothout = None
-        if self.smoothout is None or self.smoothout.model is not self.model:
+        if old is None or old.model is not self.model or old.parameters_replaced:
+            self._smoothout_fsdp_modules = fsdp_modules(self.model) if self.model is not None else []
+            reshard_(self._smoothout_fsdp_modules)
+            if old is not None:
+                if old.is_perturbed:
+                    raise RuntimeError(
+                        "SmoothOut: the model or its parameters changed while the weights were perturbed; "
+                        "restore() must run first."
+                    )
+                if self._smoothout_pending_state is None:
+                    self._smoothout_pending_state = old.state_dict()
+                old.detach()
+                old.close()
+                self.smoothout = None
             engine = SmoothOut(
                 self.model, self.smoothout_config, rank=self.args.process_index, world_size=self.args.world_size
             )

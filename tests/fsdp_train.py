@@ -33,6 +33,7 @@ from deepspeed_train import token_data
 from replica_checks import write_result_and_shut_down
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
+from hf_smoothout.adapters.dtensor import fsdp_modules, is_dtensor, reshard_
 
 # FSDP_TEST_MODEL=bert: nn.Linear weights, sharded along their rows. gpt2: Conv1D weights ([in, out]) sharded on
 # dim 0, i.e. across their output rows (columns), so the row norms are all-reduced.
@@ -75,23 +76,35 @@ def full(weight: torch.Tensor) -> torch.Tensor:
     return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
 
-def local_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's whole tensor: gathered from the shards, or the module's temporary full weight where an
+    evaluation pass left it unsharded. Equal whole tensors on every rank <=> equal shards."""
+    return {n: full(p).detach().clone() for n, p in model.named_parameters()}
 
 
 class ShardRestoreCheck(TrainerCallback):
-    """Local shards at each step's start vs right before its optimizer step (nothing else changes them)."""
+    """Weights at each step's start vs right before its optimizer step (nothing else changes them); also the
+    watched module's whole clean weight at each step's start."""
 
-    def __init__(self) -> None:
+    def __init__(self, watched: torch.nn.Module) -> None:
+        self.watched = watched
         self.start: dict[str, torch.Tensor] = {}
         self.equal: list[bool] = []
+        self.clean_at_step: list[torch.Tensor] = []
+        self.engine_on_shards: list[bool] = []
+        self.unsharded_at_step_begin: list[bool] = []
+        self.trainer: SmoothOutTrainer | None = None
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.start = local_shards(model)
+        self.unsharded_at_step_begin.append(not all(is_dtensor(p) for p in model.parameters()))
+        self.start = full_weights(model)
+        self.clean_at_step.append(full(self.watched.weight).detach().clone())
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        now = local_shards(model)
+        now = full_weights(model)
         self.equal.append(all(torch.equal(now[n], self.start[n]) for n in now))
+        # the engine that perturbed this step's micro-batches: bound to the shards, not to temporary full weights
+        self.engine_on_shards.append(all(is_dtensor(p) for p in self.trainer.smoothout.parameters))
 
 
 def main() -> None:
@@ -118,16 +131,23 @@ def main() -> None:
     seen: list[torch.Tensor] = []
 
     def record(module, _inputs):
-        if module.training and not seen:
-            weight = module.weight
-            seen.append(full(weight).detach().clone())
+        if module.training:  # every training micro-batch; evaluation passes are left out
+            seen.append(full(module.weight).detach().clone())
 
     watched.register_forward_pre_hook(record)
-    trainer = SmoothOutTrainer(model, args, train_dataset=token_data())
+    evaluating = args.eval_strategy != "no" or args.eval_on_start  # evaluation passes between training steps
+    trainer = SmoothOutTrainer(
+        model, args, train_dataset=token_data(), eval_dataset=token_data(16) if evaluating else None
+    )
     assert trainer.is_fsdp_enabled == (route == "accelerate")
-    check = ShardRestoreCheck()
+    check = ShardRestoreCheck(watched)
+    check.trainer = trainer
     trainer.add_callback(check)
     trainer.train()
+    reshard_(fsdp_modules(trainer.model))  # the last evaluation pass may have left modules unsharded
+    accumulation = args.gradient_accumulation_steps
+    assert len(seen) == accumulation * trainer.state.global_step == accumulation * len(check.clean_at_step)
+    last_noise = seen[-1] - check.clean_at_step[-1]  # the last micro-batch's noise (its step's clean weight)
     watched = trainer.model.get_submodule(watched_name)
     placements = str(watched.weight.placements)
 
@@ -144,8 +164,9 @@ def main() -> None:
         share_deviation = float((noise_share - clean_full[:half].norm(dim=0) / row_norms).abs().max())
     gathered = [torch.empty_like(seen[0]) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, seen[0])
-    if dist.get_rank() == 0:  # the gathered noise of the first micro-batch, to compare across shard counts
+    if dist.get_rank() == 0:  # the gathered noise of the first and last micro-batch, to compare across set-ups
         torch.save(noise, os.path.join(args.output_dir, "first_noise.pt"))
+        torch.save(last_noise, os.path.join(args.output_dir, "last_noise.pt"))
     result = {
         "model": kind,
         "world_size": dist.get_world_size(),
@@ -159,6 +180,11 @@ def main() -> None:
         "shards_restored_each_step": check.equal,
         "params_changed": not torch.equal(full(watched.weight), clean_full),
         "route": route,
+        "evaluated": trainer.state.log_history and any("eval_loss" in entry for entry in trainer.state.log_history),
+        "draws": trainer.smoothout.state_dict()["draws"],
+        "engine_on_shards_each_step": check.engine_on_shards,
+        "unsharded_at_step_begin": check.unsharded_at_step_begin,
+        "last_noise_norm": float(last_noise.norm()),
         "steps": trainer.state.global_step,
     }
     del trainer, model

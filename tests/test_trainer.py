@@ -379,14 +379,23 @@ def test_lomo_is_refused_at_construction(tmp_path):
         )
 
 
-@pytest.mark.parametrize(("version", "refused"), [(1, True), (2, False), (None, False)])
-def test_fsdp1_is_refused_and_fsdp2_accepted(version, refused):
-    """FSDP1 flattens parameters (rows split anywhere); FSDP2 shards each weight along its rows."""
+@pytest.mark.parametrize(
+    ("environment", "refused"),
+    [({}, True), ({"FSDP_VERSION": "1"}, True), ({"FSDP_VERSION": "2"}, False), (None, False)],
+)
+def test_fsdp1_is_refused_and_fsdp2_accepted(monkeypatch, environment, refused):
+    """FSDP1 flattens parameters (rows split anywhere); FSDP2 shards each weight along its rows. The plugin is
+    built from the environment as ``accelerate launch`` sets it (accelerate's default there is version 1)."""
     from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
     from hf_smoothout.compat import check_trainer_setup
 
-    plugin = None if version is None else SimpleNamespace(fsdp_version=version)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    for key, value in (environment or {}).items():
+        monkeypatch.setenv(key, value)
+    plugin = None if environment is None else FullyShardedDataParallelPlugin()
     trainer = SimpleNamespace(
         args=SimpleNamespace(optim="adamw_torch"),
         is_fsdp_enabled=plugin is not None,

@@ -86,3 +86,28 @@ def dim0_shard_span(param: torch.Tensor) -> tuple[int, int, int] | None:
 
     local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, placements)
     return int(param.shape[0]), int(offset[0]), int(local_shape[0])
+
+
+def fsdp_modules(model: Any) -> list[Any]:
+    """The FSDP2 (``fully_shard``) modules of ``model``, outermost first; empty without FSDP2.
+
+    Example:
+        >>> fsdp_modules(torch.nn.Linear(2, 2))
+        []
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return []
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def reshard_(modules: list[Any]) -> None:
+    """Point every FSDP2 module back at its sharded parameters (a no-op for modules already sharded).
+
+    A forward pass without a backward pass (evaluation, a clean-loss check) leaves the modules that do not
+    reshard after forward (accelerate's root and tail, transformers' root) holding *unsharded* parameters.
+    SmoothOut perturbs the shards, so it reshards first: the next forward then gathers the noisy shards.
+    """
+    for module in modules:
+        module.reshard()
