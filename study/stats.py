@@ -15,9 +15,18 @@ import statistics
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    """``"mean ± std"`` (sample std; 0 for one value; ``-`` for none)."""
+    """``"mean ± std"`` (sample std; 0 for one value; ``-`` for none; ``"n/a (k of n non-finite)"`` when a
+    value is NaN or infinite, e.g. a measure of a diverged run).
+
+    Example:
+        >>> mean_std([1.0, float("nan")])
+        'n/a (1 of 2 non-finite)'
+    """
     if not values:
         return "-"
+    bad = sum(not math.isfinite(v) for v in values)
+    if bad:
+        return f"n/a ({bad} of {len(values)} non-finite)"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
 
