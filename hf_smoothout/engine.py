@@ -471,23 +471,28 @@ class SmoothOut:
             >>> so.parameters_replaced
             True
         """
-        return any(
-            slot.module is not None and slot.module._parameters.get(slot.local_name) is not slot.param
-            for slot in self._slots
-        )
+        return self._replaced_slot() is not None
+
+    def _replaced_slot(self) -> _Slot | None:
+        """The first slot whose parameter object is no longer the one its module holds, else ``None``."""
+        for slot in self._slots:
+            if slot.module is not None and slot.module._parameters.get(slot.local_name) is not slot.param:
+                return slot
+        return None
 
     def _check_bindings(self) -> None:
         """Re-bind the buffers if a parameter's storage changed; refuse a parameter object that was replaced."""
+        replaced = self._replaced_slot()
+        if replaced is not None:
+            raise RuntimeError(
+                f"SmoothOut: the model's parameter {replaced.name!r} was replaced by a different Parameter object "
+                "after this engine was built (e.g. load_state_dict(..., assign=True), or assigning "
+                "module.weight = nn.Parameter(...)). The engine would perturb the old object, which no longer "
+                "takes part in the forward pass. Build a new SmoothOut(model, config) after replacing "
+                "parameters (and a new optimizer, which holds the old objects too)."
+            )
         stale = False
         for slot in self._slots:
-            if slot.module is not None and slot.module._parameters.get(slot.local_name) is not slot.param:
-                raise RuntimeError(
-                    f"SmoothOut: the model's parameter {slot.name!r} was replaced by a different Parameter object "
-                    "after this engine was built (e.g. load_state_dict(..., assign=True), or assigning "
-                    "module.weight = nn.Parameter(...)). The engine would perturb the old object, which no longer "
-                    "takes part in the forward pass. Build a new SmoothOut(model, config) after replacing "
-                    "parameters (and a new optimizer, which holds the old objects too)."
-                )
             data, live = slot.data, slot.param
             if self._sharded and is_dtensor(live):
                 live = local_tensor(live)

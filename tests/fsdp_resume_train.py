@@ -18,12 +18,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForSequenceClassification, HfArgumentParser
-from transformers.distributed import DistributedConfig
+from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(__file__))
 from deepspeed_train import token_data
-from fsdp_train import build, emulate_accelerate_fsdp_on_cpu, full
+from fsdp_train import build, emulate_accelerate_fsdp_on_cpu, full_weights, load
 from replica_checks import write_result_and_shut_down
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
@@ -32,18 +31,8 @@ from hf_smoothout.adapters.sharded_checkpoint import has_sharded_state
 ROUTE = os.environ.get("FSDP_TEST_ROUTE", "transformers")
 
 
-def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: full(p).detach().clone() for n, p in model.named_parameters()}
-
-
-def load(path: str) -> torch.nn.Module:
-    if ROUTE == "accelerate":
-        return AutoModelForSequenceClassification.from_pretrained(path)
-    return AutoModelForSequenceClassification.from_pretrained(path, distributed_config=DistributedConfig(fsdp_size=2))
-
-
 def train(args: SmoothOutTrainingArguments, path: str, out: str, resume: str | None = None):
-    model = load(path)
+    model = load(path, ROUTE, 2)
     model.accepts_loss_kwargs = False
     run_args = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, out))
     assert run_args.world_size == 2  # new arguments set the process state up afresh
@@ -62,7 +51,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         build("bert").save_pretrained(path)
     dist.barrier()
-    initial = full_weights(load(path))
+    initial = full_weights(load(path, ROUTE, 2))
     full, full_draws, full_steps = train(args, path, "full")
     checkpoint = os.path.join(args.output_dir, "full", f"checkpoint-{args.save_steps:g}")
     resumed, resumed_draws, resumed_steps = train(args, path, "resumed", resume=checkpoint)

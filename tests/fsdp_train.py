@@ -71,6 +71,15 @@ def emulate_accelerate_fsdp_on_cpu() -> None:
         state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
+def load(path: str, route: str, shards: int) -> torch.nn.Module:
+    """The saved model, sharded at load time (``transformers``) or whole for accelerate's plugin to shard."""
+    if route == "accelerate":
+        return AutoModelForSequenceClassification.from_pretrained(path)
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, distributed_config=DistributedConfig(fsdp_size=shards)
+    )
+
+
 def full(weight: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a DTensor parameter (gathered), else the tensor itself."""
     return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
@@ -120,11 +129,7 @@ def main() -> None:
     dist.barrier()
     if route == "accelerate":
         emulate_accelerate_fsdp_on_cpu()
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, distributed_config=DistributedConfig(fsdp_size=shards)
-        )
+    model = load(path, route, shards)
     model.accepts_loss_kwargs = False
     watched = model.get_submodule(watched_name)
     clean_full = full(watched.weight).detach().clone()
@@ -180,7 +185,7 @@ def main() -> None:
         "shards_restored_each_step": check.equal,
         "params_changed": not torch.equal(full(watched.weight), clean_full),
         "route": route,
-        "evaluated": trainer.state.log_history and any("eval_loss" in entry for entry in trainer.state.log_history),
+        "evaluated": any("eval_loss" in entry for entry in trainer.state.log_history),
         "draws": trainer.smoothout.state_dict()["draws"],
         "engine_on_shards_each_step": check.engine_on_shards,
         "unsharded_at_step_begin": check.unsharded_at_step_begin,
