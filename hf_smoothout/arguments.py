@@ -64,13 +64,14 @@ class SmoothOutTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Remove the noise after backward (the method). False leaves it in (ablation only)."},
     )
-    smoothout_restore: Literal["copy", "regenerate", "swap"] = field(
-        default="copy",
+    smoothout_restore: Literal["auto", "copy", "regenerate", "swap"] = field(
+        default="auto",
         metadata={
-            "help": "copy: bit-exact restore from a preallocated backup (+1x parameter memory). regenerate: no "
-            "backup, noise redrawn and removed (not bit-exact; refused when ranks draw different noise). swap: the "
+            "help": "auto: swap where proven harmless (CPU parameters owning their storage), else copy; both exact "
+            "and bit-identical. copy: bit-exact restore from a preallocated backup (+1x parameter memory). swap: the "
             "parameters point at a noisy buffer during forward/backward and back at their untouched tensors after "
-            "(exact, 2 copy passes cheaper; not for FSDP2, DeepSpeed or CUDA graphs)."
+            "(exact, 2 copy passes cheaper; not for FSDP2, DeepSpeed or CUDA graphs). regenerate: no backup, noise "
+            "redrawn and removed (not bit-exact; refused when ranks draw different noise)."
         },
     )
     smoothout_skip_norm_layers: bool = field(
@@ -110,8 +111,8 @@ class SmoothOutTrainingArguments(TrainingArguments):
     smoothout_prefetch: Literal["auto", "always", "never"] = field(
         default="auto",
         metadata={
-            "help": "CPU, copy restore: draw the next micro-batch's random numbers on a background thread during "
-            "this one's forward/backward (same noise, +1x selected-parameter memory). auto: for at most 16.8M "
+            "help": "CPU, copy or swap restore: draw the next micro-batch's random numbers on a background thread "
+            "during this one's forward/backward (same noise, +1x selected-parameter memory). auto: for at most 16.8M "
             "selected weights on CPU when torch leaves a core free."
         },
     )

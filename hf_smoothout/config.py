@@ -18,7 +18,7 @@ from typing import Any, Literal
 ADAPT_MODES = ("filter", "filter_std", "none", "weight")
 DISTRIBUTIONS = ("uniform", "gaussian")
 SCHEDULES = ("constant", "anneal", "tanh", "cosine")
-RESTORE_MODES = ("copy", "regenerate", "swap")
+RESTORE_MODES = ("auto", "copy", "regenerate", "swap")
 NOISE_EVERY = ("micro_batch", "step")
 SPACES = ("trainable", "lora_merged")
 PREFETCH_MODES = ("auto", "always", "never")
@@ -27,7 +27,7 @@ ROW_SCALED_MODES = ("filter", "filter_std")
 Adapt = Literal["filter", "filter_std", "none", "weight"]
 Distribution = Literal["uniform", "gaussian"]
 Schedule = Literal["constant", "anneal", "tanh", "cosine"]
-Restore = Literal["copy", "regenerate", "swap"]
+Restore = Literal["auto", "copy", "regenerate", "swap"]
 NoiseEvery = Literal["micro_batch", "step"]
 Space = Literal["trainable", "lora_merged"]
 Prefetch = Literal["auto", "always", "never"]
@@ -97,14 +97,19 @@ class SmoothOutConfig:
         samples: K noisy copies per micro-batch; their gradients are averaged.
         denoise: remove the noise after the backward pass (the method). ``False`` leaves the
             noise in the weights (classic weight-noise injection, for ablations only).
-        restore: ``"copy"`` restores bit-exactly from a preallocated backup (one extra copy of
-            the selected parameters); ``"regenerate"`` keeps no backup and regenerates the noise
-            from the saved generator state to remove it: **not bit-exact** (rounding drift of a
-            few ulps per step) and refused when ranks draw different noise; ``"swap"`` writes the noisy
-            weights into a second buffer and points each parameter at it for the forward and backward
-            pass, then back at its untouched clean tensor: exact by construction and two copy passes
-            cheaper than ``"copy"``, same memory; refused for sharded (FSDP2) parameters and under
-            DeepSpeed (their storage belongs to flat buffers), and not for CUDA-graph capture.
+        restore: how the weights get clean again after the backward pass. ``"auto"`` (default): ``"swap"``
+            where that is proven harmless (every selected parameter on the CPU, a plain tensor owning its
+            whole contiguous storage), else ``"copy"``; see `hf_smoothout.restore_choice`, and
+            ``SmoothOut.restore_mode`` for the one chosen. Both are exact and train bit-identically.
+            ``"copy"`` restores bit-exactly from a preallocated backup (one extra copy of the selected
+            parameters). ``"swap"`` writes the noisy weights into a second buffer and points each parameter
+            at it for the forward and backward pass, then back at its untouched clean tensor: exact by
+            construction and two copy passes cheaper than ``"copy"``, same memory; refused for sharded
+            (FSDP2) parameters and under DeepSpeed (their storage belongs to flat buffers), and wrong under
+            CUDA-graph capture (``torch.compile(mode="reduce-overhead")``), which replays recorded addresses.
+            ``"regenerate"`` keeps no backup and regenerates the noise from the saved generator state to
+            remove it: **not bit-exact** (rounding drift of a few ulps per step) and refused when ranks draw
+            different noise.
         skip_norm_layers: leave parameters of normalization layers (BatchNorm, LayerNorm,
             GroupNorm, RMSNorm, ...) untouched. (The authors' script skips only BatchNorm.)
         skip_bias: leave parameters named ``*bias`` untouched.
@@ -130,7 +135,7 @@ class SmoothOutConfig:
             weight ``W + s*B*A``, scaled against its merged rows, while gradients reach only the adapters;
             the base weight is never written; other trainable parameters such as a classifier head follow
             the per-parameter rules). See `hf_smoothout.lora_merged`.
-        prefetch: CPU only, with ``restore="copy"``: draw the next micro-batch's random numbers on a
+        prefetch: CPU only, with a copy or swap restore: draw the next micro-batch's random numbers on a
             background thread while the current one computes (`hf_smoothout.prefetch`; the same numbers,
             +1x selected-parameter memory). ``"auto"``: when the selected weights are on CPU, at most 16.8M
             (64 MiB in fp32), and torch leaves a core free (``torch.get_num_threads()`` below the cores this
@@ -152,7 +157,7 @@ class SmoothOutConfig:
     tanh_scale: float = 10.0
     samples: int = 1
     denoise: bool = True
-    restore: Restore = "copy"
+    restore: Restore = "auto"
     skip_norm_layers: bool = True
     skip_bias: bool = False
     include: tuple[str, ...] | None = None

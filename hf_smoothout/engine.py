@@ -63,6 +63,7 @@ from .noise import (
 )
 from .ownership import claim, release
 from .prefetch import NoisePrefetcher
+from .restore_choice import resolve_restore
 from .schedules import noise_coefficient
 from .seeding import derive_seed, draw_row_blocks_, seeded_generator
 from .selection import SelectedParameter, select_parameters
@@ -99,6 +100,8 @@ _AUTO_PREFETCH_ELEMENTS = 1 << 24
 # exceeds this factor times the last checked one (a handful of checks per run, whatever the schedule).
 _FINITE_CHECK_GROWTH = 2.0
 _SEED_LIMIT = 2**64
+# Restores that leave the weights bit-identical to a copy restore: switching between them changes no result.
+_EXACT_RESTORES = {"auto", "copy", "swap"}
 # Stream ids of FSDP2 row-block draws start here (plus the parameter's index), apart from the rank streams.
 _ROW_BLOCK_STREAMS = 1 << 40
 
@@ -209,9 +212,9 @@ class SmoothOut:
     """Stochastic SmoothOut / AdaSmoothOut on the parameters of ``model``.
 
     ``perturb`` draws fresh noise and adds it to the selected parameters; ``restore`` removes it
-    (bit-exactly with ``restore="copy"``). ``perturbed`` wraps both around a block and always
-    restores, also when the block raises. Buffers are allocated once, at construction (and again
-    only if a parameter changes device, dtype or shape).
+    (bit-exactly with the default ``restore="auto"``, and with ``"copy"`` or ``"swap"``). ``perturbed`` wraps
+    both around a block and always restores, also when the block raises. Buffers are allocated once, at
+    construction (and again only if a parameter changes device, dtype or shape).
 
     Args:
         model: the module whose parameters are perturbed.
@@ -268,7 +271,7 @@ class SmoothOut:
                 self._merged = MergedSpace(layers)
         sharded = [s for s in self._selected if is_dtensor(s.param)]
         split = [s.name for s in sharded if not rows_are_local(s.param, s.row_axis)]
-        copy_restore = config.denoise and config.restore == "copy"
+        copy_restore = config.denoise and config.restore in ("copy", "auto")  # auto: copy for sharded parameters
         if split and config.enabled and config.adapt in ROW_SCALED_MODES and not copy_restore:
             raise ValueError(
                 f"SmoothOut: {split[0]!r} is sharded across its rows (e.g. GPT-2's Conv1D, stored [in, out], under "
@@ -303,6 +306,7 @@ class SmoothOut:
         self._noop = False
         self._current_strength = 0.0
         self._checked_strength = 0.0  # largest strength whose noisy weights were checked to be finite
+        self._restore = "copy"  # config.restore with "auto" resolved, at every (re)allocation
         self._allocate()
         warn_if_implausible_strength(config, self.parameters)
 
@@ -377,12 +381,24 @@ class SmoothOut:
         )
 
     # ------------------------------------------------------------------ buffers
+    @property
+    def restore_mode(self) -> str:
+        """The restore this engine runs: ``config.restore``, with ``"auto"`` resolved to ``"swap"`` or ``"copy"``
+        (`hf_smoothout.restore_choice`; decided again whenever the parameters' storage changes).
+
+        Example:
+            >>> from torch import nn
+            >>> SmoothOut(nn.Linear(2, 2), SmoothOutConfig()).restore_mode
+            'swap'
+        """
+        return self._restore
+
     def _uses_backup(self) -> bool:
         """Copy and swap restores keep a second buffer per parameter (copy: the clean values; swap: the noisy)."""
-        return self.config.denoise and self.config.restore in ("copy", "swap")
+        return self.config.denoise and self._restore in ("copy", "swap")
 
     def _swaps(self) -> bool:
-        return self.config.denoise and self.config.restore == "swap"
+        return self.config.denoise and self._restore == "swap"
 
     def _clean(self, slot: _Slot) -> torch.Tensor:
         """Where the clean values are while perturbed."""
@@ -397,6 +413,7 @@ class SmoothOut:
         if self._perturbed:
             raise RuntimeError("Cannot reallocate SmoothOut buffers while the weights are perturbed.")
         enabled = self.config.enabled
+        self._restore = resolve_restore(self.config, [sel.param for sel in self._selected], sharded=self._sharded)
         groups: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
         self._slots = []
         for index, sel in enumerate(self._selected):
@@ -740,7 +757,7 @@ class SmoothOut:
     def restore(self) -> None:
         """Remove the noise added by the last ``perturb`` (no-op when not perturbed).
 
-        With ``restore="copy"`` the weights are bit-identical to before ``perturb``. With
+        With ``restore="copy"``, ``"swap"`` or ``"auto"`` the weights are bit-identical to before ``perturb``. With
         ``"regenerate"`` the noise is redrawn from the saved generator states and removed:
         equal up to rounding. With ``denoise=False`` the noise stays in the weights by design.
         """
@@ -851,8 +868,11 @@ class SmoothOut:
         if isinstance(saved, Mapping):
             current = self.config.to_dict()
             for name in SmoothOutConfig.field_names():
-                if name != "seed" and name in saved and saved[name] != current[name]:
-                    differences.append(f"{name}: {saved[name]!r} -> {current[name]!r}")
+                if name == "seed" or name not in saved or saved[name] == current[name]:
+                    continue
+                if name == "prefetch" or (name == "restore" and {saved[name], current[name]} <= _EXACT_RESTORES):
+                    continue  # the same noise and the same weights either way: the run does not change
+                differences.append(f"{name}: {saved[name]!r} -> {current[name]!r}")
         if self.config.seed is not None and self.config.seed != seed:
             differences.append(f"seed: {seed!r} -> {self.config.seed!r} (the saved seed {seed} is kept)")
         if differences:

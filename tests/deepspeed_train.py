@@ -85,6 +85,7 @@ def main() -> None:
         "dtype": str(next(model.parameters()).dtype),
         "steps": trainer.state.global_step,
         "master_equal_each_step": check.equal,
+        "restore_mode": trainer.smoothout.restore_mode,  # "auto" must not swap views into DeepSpeed's flat groups
         **facts,
         "params_changed": not torch.equal(model.classifier.weight.detach().float(), clean_start),
     }

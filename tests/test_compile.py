@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import TinyClassifier, assert_params_equal, clone_params
@@ -34,3 +36,41 @@ def test_compiled_model_sees_perturbed_weights_without_recompiles(restore):
     assert counters["stats"]["unique_graphs"] == frames_before  # no recompiles after the first call
     assert_params_equal(model, clean)
     torch.testing.assert_close(compiled(x)["logits"].detach(), clean_out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="inductor needs a C++ compiler")
+def test_inductor_compiled_training_with_the_default_restore_matches_eager():
+    """The default restore swaps on CPU; inductor's compiled forward and backward (C++ kernels, parameters as graph
+    inputs) read the noisy buffers, give eager's loss and gradients, and do not recompile per draw."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    compiled = torch.compile(model)  # inductor
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.3, seed=0))
+    assert engine.restore_mode == "swap"
+    x, labels = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    clean = clone_params(model)
+    from torch._dynamo.utils import counters
+
+    def loss_and_grads(module):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(module(x)["logits"], labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    with engine.perturbed(0):
+        loss_and_grads(compiled)  # compiles forward and backward
+    graphs = counters["stats"]["unique_graphs"]
+    for step in range(1, 4):
+        with engine.perturbed(step):
+            compiled_loss, compiled_grads = loss_and_grads(compiled)
+            eager_loss, eager_grads = loss_and_grads(model)
+        torch.testing.assert_close(compiled_loss, eager_loss)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad)
+        assert_params_equal(model, clean)
+    assert counters["stats"]["unique_graphs"] == graphs
+    with torch.no_grad():
+        clean_loss = torch.nn.functional.cross_entropy(compiled(x)["logits"], labels)
+    assert not torch.allclose(clean_loss, compiled_loss)  # the noisy forward differed from the clean one

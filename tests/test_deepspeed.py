@@ -56,6 +56,7 @@ def test_zero_weights_equal_the_fp32_master_after_every_step(tmp_path, monkeypat
     assert result["world_size"] == 2 and result["zero_stage"] == stage
     assert result["dtype"] == f"torch.{dtype}" and result["steps"] == 6
     assert result["master_equal_each_step"] == [True] * 6
+    assert result["restore_mode"] == "copy"
     assert result["noise_differs_across_ranks"]
     assert result["params_identical_across_ranks"]
     assert result["params_changed"]

@@ -1,0 +1,124 @@
+"""``restore="auto"`` (the default): swap where proven harmless, copy everywhere else, decided again on re-binding."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_params_equal, clone_params, make_classification_data
+from test_trainer import model_with_seed, training_args
+from torch import nn
+
+from hf_smoothout import SmoothOut, SmoothOutConfig, SmoothOutTrainer
+from hf_smoothout.restore_choice import resolve_restore, swap_blocker
+
+
+def stack() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def flatten_into_one_buffer(model: nn.Module) -> torch.Tensor:
+    """What DeepSpeed ZeRO-1/2 does to a model: every parameter becomes a view into one flat buffer."""
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().flatten() for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+class Marked(torch.Tensor):
+    """A tensor subclass (as quantized or otherwise special weights are)."""
+
+
+def test_default_is_auto_and_swaps_plain_cpu_parameters():
+    model = stack()
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, seed=0))
+    assert engine.config.restore == "auto" and engine.restore_mode == "swap"
+    tensors = {n: p.data for n, p in model.named_parameters()}
+    clean = clone_params(model)
+    with engine.perturbed():
+        assert all(p.data_ptr() != tensors[n].data_ptr() for n, p in model.named_parameters())
+        assert all(torch.equal(tensors[n], clean[n]) for n in clean)  # the clean tensors are never written
+    assert all(p.data_ptr() == tensors[n].data_ptr() for n, p in model.named_parameters())
+    assert_params_equal(model, clean)
+
+
+def shared_storage() -> list[torch.Tensor]:
+    weight = nn.Parameter(torch.zeros(4, 4))
+    return [weight, nn.Parameter(weight.data)]  # two Parameter objects, one storage
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        (lambda: [nn.Parameter(torch.zeros(10)[2:8])], "view into a larger buffer"),
+        (lambda: [nn.Parameter(torch.zeros(6, 4).t())], "not contiguous"),
+        (lambda: [nn.Parameter(torch.zeros(3, 3).as_subclass(Marked))], "Marked, not a plain tensor"),
+        (lambda: [nn.Parameter(torch.zeros(3, 3, device="meta"))], "on meta, not the CPU"),
+        (shared_storage, "share storage"),
+    ],
+    ids=["view", "transposed", "subclass", "meta", "shared"],
+)
+def test_auto_copies_whatever_swapping_could_cut(params, reason):
+    tensors = params()
+    assert reason in swap_blocker(tensors, sharded=False)
+    assert resolve_restore(SmoothOutConfig(), tensors, sharded=False) == "copy"
+
+
+def test_sharded_parameters_and_explicit_choices():
+    plain = [nn.Parameter(torch.zeros(3, 3))]
+    assert resolve_restore(SmoothOutConfig(), plain, sharded=True) == "copy"
+    assert resolve_restore(SmoothOutConfig(denoise=False), plain, sharded=False) == "copy"
+    for mode in ("copy", "swap", "regenerate"):
+        assert resolve_restore(SmoothOutConfig(restore=mode), plain, sharded=False) == mode
+
+
+def test_rebinding_into_a_flat_buffer_switches_to_copy_and_stays_exact():
+    """Built on plain parameters (swap), then flattened as DeepSpeed does inside ``train``: the next perturb re-binds,
+    decides again (copy), puts the noise into the flat buffer the model now reads, and restores it bit-exactly."""
+    model = stack()
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, seed=0))
+    assert engine.restore_mode == "swap"
+    flat = flatten_into_one_buffer(model)
+    clean_flat = flat.clone()
+    with engine.perturbed():
+        assert engine.restore_mode == "copy"
+        assert not torch.equal(flat, clean_flat)  # the noise is in the buffer the parameters view
+        assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in model.parameters())
+    assert torch.equal(flat, clean_flat)
+    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in model.parameters())
+
+
+def test_auto_trains_bit_identically_to_copy(tmp_path):
+    data = make_classification_data()
+    final, modes = {}, {}
+    for restore in ("copy", "auto"):
+        model = model_with_seed(dropout=0.1)
+        cfg = SmoothOutConfig(strength=0.2, restore=restore, seed=5)
+        args = training_args(tmp_path / restore, max_steps=6, gradient_accumulation_steps=2)
+        trainer = SmoothOutTrainer(model, args, train_dataset=data, smoothout_config=cfg)
+        trainer.train()
+        final[restore], modes[restore] = clone_params(model), trainer.smoothout.restore_mode
+    assert modes == {"copy": "copy", "auto": "swap"}
+    assert all(torch.equal(final["copy"][n], final["auto"][n]) for n in final["copy"])
+
+
+@pytest.mark.parametrize(("saved", "current"), [("copy", "auto"), ("auto", "swap"), ("swap", "copy")])
+def test_resuming_across_exact_restores_does_not_warn(saved, current):
+    """A checkpoint written before ``auto`` became the default (``restore: copy``) resumes without a false alarm."""
+    old = SmoothOut(stack(), SmoothOutConfig(seed=1, restore=saved, prefetch="never"))
+    state = old.state_dict()
+    new = SmoothOut(stack(), SmoothOutConfig(seed=1, restore=current, prefetch="always"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert new.load_state_dict(state) == []
+
+
+def test_resuming_from_copy_into_regenerate_still_warns():
+    state = SmoothOut(stack(), SmoothOutConfig(seed=1, restore="copy")).state_dict()
+    with pytest.warns(UserWarning, match="restore: 'copy' -> 'regenerate'"):
+        SmoothOut(stack(), SmoothOutConfig(seed=1, restore="regenerate")).load_state_dict(state)
