@@ -158,8 +158,12 @@ def main() -> None:
     frozen_bytes = sum(p.numel() * p.element_size() for p in base_model.parameters() if not p.requires_grad)
 
     arms: dict[str, tuple[type[Trainer], SmoothOutConfig | None]] = {"plain Trainer": (Trainer, None)}
+    arms["SmoothOut filter/default"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength))  # restore="auto"
     for adapt in ("filter", "none", "weight"):
-        arms[f"SmoothOut {adapt}/copy"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, adapt=adapt))
+        arms[f"SmoothOut {adapt}/copy"] = (
+            SmoothOutTrainer,
+            SmoothOutConfig(strength=args.strength, adapt=adapt, restore="copy"),
+        )
     arms["SmoothOut filter/swap"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, restore="swap"))
     arms["SmoothOut none/swap"] = (
         SmoothOutTrainer,
@@ -173,7 +177,10 @@ def main() -> None:
         SmoothOutTrainer,
         SmoothOutConfig(strength=args.strength, adapt="filter", restore="regenerate"),
     )
-    arms["SmoothOut filter/copy K=2"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, samples=2))
+    arms["SmoothOut filter/copy K=2"] = (
+        SmoothOutTrainer,
+        SmoothOutConfig(strength=args.strength, samples=2, restore="copy"),
+    )
     arms["SmoothOut filter/step noise"] = (
         SmoothOutTrainer,
         SmoothOutConfig(strength=args.strength, noise_every="step"),

@@ -55,6 +55,7 @@ from .noise import (
     NonFiniteNoiseError,
     add_noise_,
     draw_,
+    filter_scale_,
     filter_scales_,
     remove_noise_,
     row_length,
@@ -297,6 +298,7 @@ class SmoothOut:
         self._prefetcher: NoisePrefetcher | None = None
         self._prefetch_generators: dict[int, torch.Generator] = {}
         self._workers = 1
+        self._inline_cpu = False
         # Sharded parameters: every rank holds other rows, so the forward pass gathers one global sample per step
         # (whatever independent_ranks says). FSDP2's dim-0 shards draw global row blocks seeded without the rank
         # (the same noise for any shard count); other layouts draw from this rank's streams.
@@ -461,6 +463,13 @@ class SmoothOut:
         if self._runner is not None:
             self._runner.close()
         self._runner = StreamRunner(self._workers)
+        # Everything drawn in this thread, on the CPU, tensor by tensor: draw and arithmetic fused per parameter.
+        self._inline_cpu = (
+            self._workers == 1
+            and bool(self._streams)
+            and all(s.device.type == "cpu" and not s.collective for s in self._streams)
+            and all(slot.span is None for slot in self._slots)
+        )
         if self._prefetcher is not None:
             self._prefetcher.close()
         self._prefetcher = None
@@ -616,12 +625,16 @@ class SmoothOut:
             self._perturbed = True
             if self._uses_backup():
                 prefetched = self._prefetcher.take(self._prefetch_tag(self._draws)) if self._prefetcher else None
-                if prefetched is None:
+                if prefetched is None and self._inline_cpu:
+                    self._draw_and_apply_inline(strength)
+                elif prefetched is None:
                     # Random numbers on the worker threads (numpy and torch's CPU generator run one thread each and
                     # release the GIL), straight into the parameters; then the arithmetic in this thread, where
                     # torch's intra-op threads are not competing with the workers' own.
                     self._run_streams(self._draw_stream, cancellable=True)
-                self._apply_noise(strength, prefetched)
+                    self._apply_noise(strength)
+                else:
+                    self._apply_noise(strength, prefetched)
                 if self._swaps():  # the forward and backward pass now read the noisy buffers
                     for slot in self._slots:
                         slot.param.data = slot.backup
@@ -742,6 +755,25 @@ class SmoothOut:
             )
             for slot, scale in zip(slots, scales, strict=True):
                 torch.addcmul(self._clean(slot), draws[id(slot)], scale, out=self._noisy(slot))
+
+    def _draw_and_apply_inline(self, strength: float) -> None:
+        """`_draw_stream` then `_apply_noise`, one parameter at a time, in this thread (CPU, no worker threads).
+
+        The same numbers and the same arithmetic as the two passes over all parameters; each parameter's draw is
+        still in cache when its row norms and fused add read it, and no ``_foreach`` call pays its CPU overhead.
+        """
+        cfg = self.config
+        row_scaled, normalize = cfg.adapt in ROW_SCALED_MODES, cfg.adapt == "filter"
+        for stream in self._streams:
+            for slot in stream.slots:
+                u, clean = self._noisy(slot), self._clean(slot)
+                draw_(u, cfg.distribution, stream.generator)
+                if row_scaled:
+                    assert slot.norms is not None
+                    scale = filter_scale_(clean, u, strength, slot.row_axis, slot.norms, normalize=normalize)
+                    torch.addcmul(clean, u, scale, out=u)
+                else:
+                    add_noise_(u, clean, u, adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis)
 
     def _perturb_chunks(self, stream: _Stream, worker: int, strength: float) -> None:
         """No backup (regenerate restore, or no de-noising): draw chunk by chunk into scratch and add in place."""

@@ -136,8 +136,17 @@ def filter_scale_(
     normalize: bool = True,
 ) -> torch.Tensor:
     """Per-row multiplier ``a * ||w_row|| / (||u_row|| + eps)`` of AdaSmoothOut (``normalize=False``:
-    ``a * ||w_row|| / sqrt(n)``, the ``filter_std`` law), written into ``buffers[0]``."""
-    return filter_scales_([weight], [draw], strength, [row_axis], [buffers], normalize=normalize)[0]
+    ``a * ||w_row|| / sqrt(n)``, the ``filter_std`` law), written into ``buffers[0]``.
+
+    Per-tensor ops, the same values as `filter_scales_` (whose ``_foreach`` calls cost more than they save
+    for one tensor on a CPU).
+    """
+    scale, draw_norm = buffers
+    row_norms_(weight, row_axis, out=scale)
+    if not normalize:
+        return scale.mul_(strength / math.sqrt(row_length(weight, row_axis)))
+    row_norms_(draw, row_axis, out=draw_norm)
+    return scale.div_(draw_norm.add_(ROW_NORM_EPS)).mul_(strength)
 
 
 def row_length(tensor: torch.Tensor, row_axis: int) -> int:

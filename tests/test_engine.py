@@ -212,10 +212,11 @@ def _big_model() -> nn.Module:
     return nn.Sequential(nn.Embedding(2000, 256), nn.Linear(256, 1024), nn.Linear(1024, 512), nn.Conv1d(4, 8, 3))
 
 
-@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+@pytest.mark.parametrize("restore", ["copy", "swap", "regenerate"])
 @pytest.mark.parametrize("adapt", ADAPT_MODES)
 def test_noise_does_not_depend_on_thread_count(restore, adapt):
-    """Large CPU models draw their noise streams on worker threads; the noise must be the same."""
+    """Large CPU models draw their noise streams on worker threads; one thread draws and adds tensor by tensor
+    (`SmoothOut._draw_and_apply_inline`). The noise must be the same."""
     results = []
     for threads in (1, 2, 3):
         model = _big_model()
@@ -226,9 +227,10 @@ def test_noise_does_not_depend_on_thread_count(restore, adapt):
         cpu_streams = len(engine._streams)
         assert cpu_streams == 2  # 1.3M weights: one stream per 2**20 (a function of the model, not the threads)
         assert engine._workers == (1 if threads == 1 else min(threads, cpu_streams))
+        assert engine._inline_cpu == (threads == 1)
         with engine.perturbed(step=0):
             results.append(clone_params(model))
-        if restore == "copy":
+        if restore != "regenerate":
             assert_params_equal(model, clean)
         else:
             for name, p in model.named_parameters():
