@@ -6,7 +6,10 @@ every arm runs ``--steps`` optimizer steps through ``Trainer.train()`` and the f
 round is discarded as warm-up. A callback times ``on_step_begin`` -> ``on_step_end`` (forward,
 backward, SmoothOut, clipping, optimizer step; not data loading). Printed: median step time, ratio
 to plain, and extra memory relative to the trainable parameter bytes (CUDA: peak allocated delta
-vs plain; CPU: bytes held by the SmoothOut engine).
+vs plain; CPU: bytes held by the SmoothOut engine). On CPU also the time spent inside the engine's
+``perturb`` and ``restore`` per step, and ``1 + that / plain step``: the engine's own cost, which
+varies far less between runs than the ratio of two arms' medians on a shared machine (it leaves out
+what the noisy weights do to the forward and backward pass around it, e.g. colder caches).
 
 Usage:
     python benchmarks/overhead.py --model minilm --batch 32 --seq 128      # MiniLM-size BERT, CPU
@@ -39,12 +42,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "study"))
 from fmnist_common import KeskarMLP
 
 
+class EngineClock:
+    """Host time spent inside one engine's ``perturb`` and ``restore`` (wraps the two methods of that instance).
+
+    On a CPU that is what they cost; on a GPU the host only enqueues kernels, so the column is left out there.
+    """
+
+    def __init__(self, engine) -> None:
+        self.total = 0.0
+        for name in ("perturb", "restore"):
+            method = getattr(engine, name)
+
+            def timed(*args, _method=method, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.total += time.perf_counter() - start
+
+            setattr(engine, name, timed)
+
+
 class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (device-synchronized)."""
+    """Wall time of every optimizer step (device-synchronized), and the engine's share of it (`EngineClock`)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.engine_times: list[float] = []
+        self.clock: EngineClock | None = None
         self._start = 0.0
+        self._engine_start = 0.0
 
     def _sync(self) -> None:
         if torch.cuda.is_available():
@@ -53,10 +80,13 @@ class StepTimer(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync()
         self._start = time.perf_counter()
+        self._engine_start = self.clock.total if self.clock is not None else 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
         self.times.append(time.perf_counter() - self._start)
+        if self.clock is not None:
+            self.engine_times.append(self.clock.total - self._engine_start)
 
 
 class SAMStyleTrainer(Trainer):
@@ -215,12 +245,17 @@ def main() -> None:
         timers[name] = StepTimer()
         kwargs = {"smoothout_config": cfg} if cfg is not None else {}
         trainers[name] = cls(copy.deepcopy(base_model), targs, train_dataset=data, callbacks=[timers[name]], **kwargs)
+        engine = getattr(trainers[name], "smoothout", None)
+        if engine is not None and not torch.cuda.is_available():
+            timers[name].clock = EngineClock(engine)
 
     peak: dict[str, list[int]] = {name: [] for name in arms}
     samples: dict[str, list[float]] = {name: [] for name in arms}
+    engine_samples: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.rounds):
         for name, trainer in trainers.items():
             timers[name].times.clear()
+            timers[name].engine_times.clear()
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -229,6 +264,7 @@ def main() -> None:
             if torch.cuda.is_available():
                 peak[name].append(torch.cuda.max_memory_allocated() - before)
             samples[name].extend(timers[name].times[1:])
+            engine_samples[name].extend(timers[name].engine_times[1:])
 
     plain = statistics.median(samples["plain Trainer"])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
@@ -241,7 +277,8 @@ def main() -> None:
         + (f" LoRA r={args.lora_r}, frozen base {frozen_bytes / 1e6:.1f} MB" if args.lora_r else "")
     )
     memory_header = "extra memory / base" if args.lora_r else "extra memory / params"
-    print(f"{'arm':<30} {'median step ms':>15} {'x plain':>8} {memory_header:>22}")
+    engine_header = "engine ms (x plain)" if not torch.cuda.is_available() else ""
+    print(f"{'arm':<30} {'median step ms':>15} {'x plain':>8} {memory_header:>22} {engine_header:>21}")
     reference_bytes = frozen_bytes if args.lora_r else param_bytes
     for name in arms:
         med = statistics.median(samples[name])
@@ -250,7 +287,11 @@ def main() -> None:
         else:
             engine = getattr(trainers[name], "smoothout", None)
             extra = (engine.buffer_bytes / reference_bytes) if engine is not None else 0.0
-        print(f"{name:<30} {med * 1000:>15.1f} {med / plain:>8.3f} {extra:>22.4f}")
+        inside = ""
+        if engine_samples[name]:  # perturb + restore per optimizer step, against the plain step: steadier than x plain
+            engine_ms = statistics.median(engine_samples[name])
+            inside = f"{engine_ms * 1000:.1f} ({1 + engine_ms / plain:.3f})"
+        print(f"{name:<30} {med * 1000:>15.1f} {med / plain:>8.3f} {extra:>22.4f} {inside:>21}")
 
 
 if __name__ == "__main__":

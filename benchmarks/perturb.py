@@ -76,6 +76,8 @@ def main() -> None:
         for restore in ("copy", "swap", "regenerate"):
             cfg = SmoothOutConfig(strength=0.01, adapt=adapt, restore=restore, seed=0)
             variants[f"{adapt}/{restore}"] = SmoothOut(model, cfg)
+    default = SmoothOut(model, SmoothOutConfig(strength=0.01, seed=0))  # restore="auto"
+    variants[f"filter/default ({default.restore_mode})"] = default
     engine = variants["filter/copy"]
     selected = engine.parameters
     count = sum(p.numel() for p in selected)

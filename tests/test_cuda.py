@@ -49,6 +49,39 @@ def test_copy_restore_is_bit_exact_on_cuda(dtype, adapt):
         assert_params_equal(model, clean)
 
 
+def test_auto_restore_copies_on_cuda():
+    """``restore="auto"`` swaps only CPU parameters: on a GPU it runs the copy restore (bit-exact, tested above)."""
+    assert SmoothOut(MixedModel().cuda(), SmoothOutConfig(strength=0.05)).restore_mode == "copy"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swap_restore_on_cuda_draws_what_copy_draws_and_never_writes_the_clean_tensors(dtype):
+    """The evidence ``auto`` needs before it may swap on GPUs: same noisy weights as copy, clean tensors untouched,
+    and an inductor-compiled forward (no CUDA graphs) reading the swapped-in buffers."""
+    seen = {}
+    for restore in ("copy", "swap"):
+        torch._dynamo.reset()
+        model = small_bert(dtype).eval()
+        compiled = torch.compile(model, backend="inductor")
+        clean = clone_params(model)
+        tensors = {n: p.data for n, p in model.named_parameters()}
+        engine = SmoothOut(model, SmoothOutConfig(strength=0.05, seed=0, restore=restore))
+        ids = torch.randint(0, 512, (4, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        compiled(input_ids=ids)
+        draws = []
+        for step in range(3):
+            with engine.perturbed(step):
+                draws.append(clone_params(model))
+                noisy = compiled(input_ids=ids).logits.detach()
+                torch.testing.assert_close(noisy, model(input_ids=ids).logits.detach(), rtol=1e-3, atol=1e-3)
+                if restore == "swap":
+                    assert all(torch.equal(tensors[n], clean[n]) for n in clean)
+            assert_params_equal(model, clean)
+        seen[restore] = draws
+    for copy_draw, swap_draw in zip(seen["copy"], seen["swap"], strict=True):
+        assert all(torch.equal(copy_draw[n], swap_draw[n]) for n in copy_draw)
+
+
 @pytest.mark.parametrize("adapt", ["filter", "none"])
 def test_regenerate_restore_drift_is_rounding_only_on_cuda(adapt):
     model = MixedModel().cuda()
