@@ -122,3 +122,45 @@ def test_resuming_from_copy_into_regenerate_still_warns():
     state = SmoothOut(stack(), SmoothOutConfig(seed=1, restore="copy")).state_dict()
     with pytest.warns(UserWarning, match="restore: 'copy' -> 'regenerate'"):
         SmoothOut(stack(), SmoothOutConfig(seed=1, restore="regenerate")).load_state_dict(state)
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    model.accepts_loss_kwargs = False
+    return model
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_recomputes_at_the_swapped_in_noisy_weights(tmp_path, use_reentrant):
+    """Checkpointed layers run their forward again inside the backward pass; with swap the parameters still point
+    at the noisy buffers there, so training equals the copy restore's (whose noise sits in the parameters)."""
+    from conftest import ListDataset
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (32, 12), generator=g)
+    data = ListDataset([{"input_ids": ids[i], "labels": ids[i, 0] % 2} for i in range(32)])
+    final, modes, layer_calls = {}, {}, {}
+    for restore in ("copy", "auto", "copy_no_checkpointing"):
+        model = tiny_bert()
+        if restore != "copy_no_checkpointing":
+            model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+        calls: list[int] = []
+        attention = model.bert.encoder.layer[0].attention  # inside the checkpointed layer: runs again when recomputed
+        attention.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
+        cfg = SmoothOutConfig(strength=0.2, restore=restore.split("_")[0], seed=5)
+        args = training_args(tmp_path / restore, max_steps=3, gradient_accumulation_steps=2, learning_rate=0.01)
+        trainer = SmoothOutTrainer(model, args, train_dataset=data, smoothout_config=cfg)
+        trainer.train()
+        final[restore], layer_calls[restore] = clone_params(model), calls
+        modes[restore] = trainer.smoothout.restore_mode
+    assert modes["auto"] == "swap"
+    # 6 micro-batches: the checkpointed layers ran again in every backward pass
+    assert {k: len(v) for k, v in layer_calls.items()} == {"copy": 12, "auto": 12, "copy_no_checkpointing": 6}
+    assert all(torch.equal(final["copy"][n], final["auto"][n]) for n in final["copy"])
+    for name, value in final["copy_no_checkpointing"].items():  # and checkpointing changed nothing either
+        torch.testing.assert_close(final["auto"][name], value, rtol=1e-5, atol=1e-6)
