@@ -67,11 +67,12 @@ class SmoothOutTrainingArguments(TrainingArguments):
     smoothout_restore: Literal["auto", "copy", "regenerate", "swap"] = field(
         default="auto",
         metadata={
-            "help": "auto: swap where proven harmless (CPU parameters owning their storage), else copy; both exact "
-            "and bit-identical. copy: bit-exact restore from a preallocated backup (+1x parameter memory). swap: the "
-            "parameters point at a noisy buffer during forward/backward and back at their untouched tensors after "
-            "(exact, 2 copy passes cheaper; not for FSDP2, DeepSpeed or CUDA graphs). regenerate: no backup, noise "
-            "redrawn and removed (not bit-exact; refused when ranks draw different noise)."
+            "help": "auto: swap where proven harmless (CPU parameters owning their storage alone), else copy; "
+            "both exact and bit-identical. copy: bit-exact restore from a preallocated backup (+1x parameter "
+            "memory). swap: the parameters point at a noisy buffer during forward/backward and back at their "
+            "untouched tensors after (exact, 2 copy passes cheaper; not for FSDP2, DeepSpeed or CUDA graphs). "
+            "regenerate: no backup, noise redrawn and removed (not bit-exact; refused when ranks draw different "
+            "noise)."
         },
     )
     smoothout_skip_norm_layers: bool = field(

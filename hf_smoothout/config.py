@@ -97,19 +97,19 @@ class SmoothOutConfig:
         samples: K noisy copies per micro-batch; their gradients are averaged.
         denoise: remove the noise after the backward pass (the method). ``False`` leaves the
             noise in the weights (classic weight-noise injection, for ablations only).
-        restore: how the weights get clean again after the backward pass. ``"auto"`` (default): ``"swap"``
-            where that is proven harmless (every selected parameter on the CPU, a plain tensor owning its
-            whole contiguous storage), else ``"copy"``; see `hf_smoothout.restore_choice`, and
-            ``SmoothOut.restore_mode`` for the one chosen. Both are exact and train bit-identically.
-            ``"copy"`` restores bit-exactly from a preallocated backup (one extra copy of the selected
-            parameters). ``"swap"`` writes the noisy weights into a second buffer and points each parameter
-            at it for the forward and backward pass, then back at its untouched clean tensor: exact by
-            construction and two copy passes cheaper than ``"copy"``, same memory; refused for sharded
-            (FSDP2) parameters and under DeepSpeed (their storage belongs to flat buffers), and wrong under
-            CUDA-graph capture (``torch.compile(mode="reduce-overhead")``), which replays recorded addresses.
-            ``"regenerate"`` keeps no backup and regenerates the noise from the saved generator state to
-            remove it: **not bit-exact** (rounding drift of a few ulps per step) and refused when ranks draw
-            different noise.
+        restore: how the weights get clean again after the backward pass. ``"auto"`` (default): ``"swap"`` where
+            that is proven harmless (every selected parameter on the CPU, a plain tensor owning its whole contiguous
+            storage, shared with no other tensor of the model), else ``"copy"``; see `hf_smoothout.restore_choice`,
+            and ``SmoothOut.restore_mode`` for the one chosen. Both are exact and train bit-identically. ``"copy"``
+            restores bit-exactly from a preallocated backup (one extra copy of the selected parameters). ``"swap"``
+            writes the noisy weights into a second buffer and points each parameter at it for the forward and
+            backward pass, then back at its untouched clean tensor: exact by construction and two copy passes
+            cheaper than ``"copy"``, same memory; refused for sharded (FSDP2) parameters and under DeepSpeed (their
+            storage belongs to flat buffers), and wrong under CUDA-graph capture
+            (``torch.compile(mode="reduce-overhead")``), which replays recorded addresses. ``"regenerate"`` keeps
+            no backup and regenerates the
+            noise from the saved generator state to remove it: **not bit-exact** (rounding drift of a few ulps per
+            step) and refused when ranks draw different noise.
         skip_norm_layers: leave parameters of normalization layers (BatchNorm, LayerNorm,
             GroupNorm, RMSNorm, ...) untouched. (The authors' script skips only BatchNorm.)
         skip_bias: leave parameters named ``*bias`` untouched.

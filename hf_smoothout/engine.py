@@ -277,7 +277,8 @@ class SmoothOut:
             raise ValueError(
                 f"SmoothOut: {split[0]!r} is sharded across its rows (e.g. GPT-2's Conv1D, stored [in, out], under "
                 "FSDP2's Shard(0)); per-row scaling (adapt='filter') of split rows all-reduces the row norms, which "
-                "is implemented for restore='copy' with de-noising only. Use those settings, exclude the "
+                "is implemented for restore='copy' (what the default 'auto' runs there) with de-noising only. Use "
+                "those settings, exclude the "
                 "parameters with config.exclude, or use adapt='none' or 'weight' (element-wise, any sharding)."
             )
         self._sharded = bool(sharded)
@@ -305,6 +306,7 @@ class SmoothOut:
         self._noise_rank = self.rank if (config.independent_ranks or self._sharded) else 0
         self._draws = 0  # noise draws so far: the only state a checkpoint needs
         self._perturbed = False
+        self._swapped = False  # swap restore: the parameters point at the noisy buffers
         self._noop = False
         self._current_strength = 0.0
         self._checked_strength = 0.0  # largest strength whose noisy weights were checked to be finite
@@ -415,7 +417,11 @@ class SmoothOut:
         if self._perturbed:
             raise RuntimeError("Cannot reallocate SmoothOut buffers while the weights are perturbed.")
         enabled = self.config.enabled
-        self._restore = resolve_restore(self.config, [sel.param for sel in self._selected], sharded=self._sharded)
+        chosen = {id(sel.param) for sel in self._selected}
+        others = [p for p in self.model.parameters() if id(p) not in chosen] + list(self.model.buffers())
+        self._restore = resolve_restore(
+            self.config, [sel.param for sel in self._selected], sharded=self._sharded, others=others
+        )
         groups: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
         self._slots = []
         for index, sel in enumerate(self._selected):
@@ -638,6 +644,7 @@ class SmoothOut:
                 if self._swaps():  # the forward and backward pass now read the noisy buffers
                     for slot in self._slots:
                         slot.param.data = slot.backup
+                    self._swapped = True
                 if self._prefetcher is not None:  # the next draw, on the background thread, during this forward
                     self._prefetcher.start(self._prefetch_tag(self._draws + 1), self._prefetch_fill(self._draws + 1))
             else:
@@ -798,11 +805,13 @@ class SmoothOut:
         with interrupts_deferred():  # Ctrl-C waits until the weights are clean and the state says so
             if self._merged is not None:
                 self._merged.disarm()  # nothing to undo: merged-space noise never touches a weight
+            moved = self._moved_while_perturbed() if not self._noop and self.config.denoise else None
             if not self._noop and self.config.denoise:
                 with torch.no_grad():
                     if self._swaps():  # back at the untouched clean tensors: nothing to copy
                         for slot in self._slots:
                             slot.param.data = slot.data
+                        self._swapped = False
                     elif self._uses_backup():
                         for params, backups in self._copy_groups:
                             torch._foreach_copy_(params, backups)
@@ -812,6 +821,25 @@ class SmoothOut:
             if not self._noop:
                 release((param for _, param in self._claimed_parameters()), self)
             self._draws += 1
+        if moved is not None:
+            raise RuntimeError(
+                f"SmoothOut: the storage of {moved!r} was replaced while the weights were perturbed (model.to(), "
+                ".half(), load_state_dict(..., assign=True) or p.data = ... between perturb and restore). Its new "
+                "values were made from the noisy weights, and that noise cannot be removed any more. Convert or load "
+                "the model only while SmoothOut is not perturbed (outside perturbed() and training_step)."
+            )
+
+    def _moved_while_perturbed(self) -> str | None:
+        """The first parameter whose storage is not the one perturb left it on (copy/regenerate: its own; swap: the
+        noisy buffer, once the parameters were pointed at it), else ``None``."""
+        swapped = self._swaps() and self._swapped
+        for slot in self._slots:
+            live = slot.param
+            live_data = local_tensor(live) if self._sharded and is_dtensor(live) else live.data
+            expected = slot.backup if swapped else slot.data
+            if live_data.numel() and live_data.data_ptr() != expected.data_ptr():  # type: ignore[union-attr]
+                return slot.name
+        return None
 
     def _regenerate_and_remove(self, stream: _Stream, worker: int) -> None:
         cfg = self.config

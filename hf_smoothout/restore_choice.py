@@ -6,13 +6,14 @@ train bit-identically; swap makes two copy passes fewer. Swap changes which stor
 while it is perturbed, so ``"auto"`` takes it only where that is proven harmless by the tests
 (``tests/test_swap.py``, ``tests/test_ddp.py``, ``tests/test_compile.py``, ``tests/test_restore_choice.py``):
 every selected parameter on the CPU, a plain tensor owning its whole contiguous storage, none sharing storage
-with another. Everything else gets ``"copy"``:
+with another parameter or buffer of the model. Everything else gets ``"copy"``:
 
 * sharded (FSDP2/DTensor) parameters, whose local shards belong to FSDP's storage;
 * views into a larger buffer (DeepSpeed ZeRO's flat groups, bucket views), which swapping would cut off;
 * tensor subclasses (quantized weights and the like), whose storage carries more than values;
 * accelerator devices: CUDA-graph capture (``torch.compile(mode="reduce-overhead")``) replays recorded
-  addresses and would read the clean weights, and swap has not been run on a GPU by this project's checks.
+  addresses and would read the clean weights, and the swap tests of ``tests/test_cuda.py`` have not yet run
+  on a GPU.
 
 Example:
     >>> import torch
@@ -34,8 +35,11 @@ from torch import nn
 from .config import SmoothOutConfig
 
 
-def swap_blocker(params: Sequence[torch.Tensor], *, sharded: bool) -> str | None:
+def swap_blocker(params: Sequence[torch.Tensor], *, sharded: bool, others: Sequence[torch.Tensor] = ()) -> str | None:
     """Why ``"auto"`` may not swap these parameters (a short reason), or ``None`` when it may.
+
+    ``others``: the model's other tensors (unselected parameters, buffers). A selected parameter sharing storage
+    with one of them is copied: swapping would leave that alias clean while the copy restore's noise reaches it.
 
     Example:
         >>> swap_blocker([torch.nn.Parameter(torch.zeros(2, 2).t())], sharded=False)
@@ -43,6 +47,10 @@ def swap_blocker(params: Sequence[torch.Tensor], *, sharded: bool) -> str | None
     """
     if sharded:
         return "parameters are sharded (FSDP2/DTensor)"
+    if not params:
+        return "no parameter is selected"
+    aliased = {t.untyped_storage().data_ptr() for t in others if type(t) in (nn.Parameter, torch.Tensor)}
+    aliased.discard(0)  # meta and empty tensors have no storage to share
     storages: set[int] = set()
     for p in params:
         if p.device.type != "cpu":
@@ -56,17 +64,21 @@ def swap_blocker(params: Sequence[torch.Tensor], *, sharded: bool) -> str | None
             return "a parameter is a view into a larger buffer (e.g. DeepSpeed's flat groups)"
         if storage.data_ptr() in storages:
             return "two parameters share storage"
+        if storage.data_ptr() in aliased:
+            return "a parameter shares storage with another tensor of the model"
         storages.add(storage.data_ptr())
     return None
 
 
-def resolve_restore(config: SmoothOutConfig, params: Sequence[torch.Tensor], *, sharded: bool) -> str:
+def resolve_restore(
+    config: SmoothOutConfig, params: Sequence[torch.Tensor], *, sharded: bool, others: Sequence[torch.Tensor] = ()
+) -> str:
     """The restore mode the engine runs for ``params``: ``config.restore``, or for ``"auto"`` swap or copy.
 
-    ``denoise=False`` keeps no restore at all; it resolves to ``"copy"`` (nothing is ever copied back).
+    ``denoise=False`` keeps no restore at all, and no selected parameter needs none: both resolve to ``"copy"``.
     """
     if config.restore != "auto":
         return config.restore
     if not config.denoise:
         return "copy"
-    return "copy" if swap_blocker(params, sharded=sharded) is not None else "swap"
+    return "copy" if swap_blocker(params, sharded=sharded, others=others) is not None else "swap"

@@ -61,10 +61,31 @@ def output_axis(module: nn.Module, local_name: str, param: torch.Tensor) -> int:
     return 0
 
 
+def _memory(param: torch.Tensor) -> tuple[tuple[str, int], tuple[int, int], tuple[object, ...]] | None:
+    """Where ``param``'s values live: (device and storage address, element range, exact view), or ``None`` when it
+    has no real storage to compare (meta tensors, tensor subclasses such as DTensor)."""
+    if type(param) not in (nn.Parameter, torch.Tensor) or param.device.type == "meta":
+        return None
+    data = param.data
+    address = data.untyped_storage().data_ptr()
+    if address == 0:
+        return None
+    offset = data.storage_offset()
+    extent = 1 + sum((size - 1) * abs(step) for size, step in zip(data.shape, data.stride(), strict=True))
+    view = (offset, tuple(data.shape), data.stride(), data.dtype)
+    return (str(data.device), address), (offset, offset + extent), view
+
+
 def select_parameters(model: nn.Module, config: SmoothOutConfig) -> list[SelectedParameter]:
-    """The trainable parameters of ``model`` that ``config`` selects, each once (tied weights de-duplicated)."""
+    """The trainable parameters of ``model`` that ``config`` selects, each once (tied weights de-duplicated).
+
+    Two ``Parameter`` objects over the same memory (a tied checkpoint loaded with ``assign=True``) are tied
+    weights too: the first one is kept, since noise written into one is the other's. Two that overlap only in
+    part are refused with an error (their noise would be added twice where they overlap).
+    """
     selected: list[SelectedParameter] = []
     seen: set[int] = set()
+    memory: dict[tuple[str, int], list[tuple[tuple[int, int], tuple[object, ...], str]]] = {}
     for module_name, module in model.named_modules():
         skip_module = config.skip_norm_layers and is_normalization_layer(module)
         for local_name, param in module.named_parameters(recurse=False):
@@ -76,5 +97,19 @@ def select_parameters(model: nn.Module, config: SmoothOutConfig) -> list[Selecte
                 continue
             if not config.selects_name(name):
                 continue
+            where = _memory(param)
+            if where is not None:
+                storage, span, view = where
+                others = memory.setdefault(storage, [])
+                if any(other_view == view for _, other_view, _ in others):
+                    continue  # the same memory as a parameter already selected: tied
+                for other_span, _, other_name in others:
+                    if span[0] < other_span[1] and other_span[0] < span[1]:
+                        raise ValueError(
+                            f"SmoothOut: parameters {other_name!r} and {name!r} overlap in memory without being the "
+                            "same view of it, so noise would be added twice where they overlap. Give them separate "
+                            "storage, or leave one out with SmoothOutConfig(exclude=[...])."
+                        )
+                others.append((span, view, name))
             selected.append(SelectedParameter(name, param, output_axis(module, local_name, param), module, local_name))
     return selected

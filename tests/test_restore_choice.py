@@ -164,3 +164,64 @@ def test_gradient_checkpointing_recomputes_at_the_swapped_in_noisy_weights(tmp_p
     assert all(torch.equal(final["copy"][n], final["auto"][n]) for n in final["copy"])
     for name, value in final["copy_no_checkpointing"].items():  # and checkpointing changed nothing either
         torch.testing.assert_close(final["auto"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def aliased_pair() -> nn.Module:
+    """Two Linear layers whose weights are distinct Parameter objects over one storage (a tied checkpoint loaded
+    with ``assign=True``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.ReLU(), nn.Linear(6, 6, bias=False))
+    model[2].weight = nn.Parameter(model[0].weight.data)
+    return model
+
+
+@pytest.mark.parametrize("restore", ["auto", "copy", "swap"])
+def test_parameters_over_the_same_memory_are_tied_weights(restore):
+    model = aliased_pair()
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, seed=0, restore=restore))
+    assert engine.parameter_names == ["0.weight"]  # drawn once, like a tied weight
+    assert engine.restore_mode == ("copy" if restore == "auto" else restore)  # auto: copy, the alias sees the noise
+    clean = model[0].weight.detach().clone()
+    with engine.perturbed():
+        tau = model[0].weight.detach() - clean
+        torch.testing.assert_close(tau.norm(dim=1), 0.05 * clean.norm(dim=1), rtol=1e-4, atol=0)
+        if restore != "swap":
+            assert torch.equal(model[2].weight, model[0].weight)  # one memory, one noise
+    assert torch.equal(model[0].weight, clean) and torch.equal(model[2].weight, clean)
+
+
+def test_parameters_overlapping_in_part_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    flat = torch.zeros(24)
+    model[0].weight = nn.Parameter(flat[:16].view(4, 4))
+    model[1].weight = nn.Parameter(flat[8:24].view(4, 4))
+    with pytest.raises(ValueError, match="overlap in memory"):
+        SmoothOut(model, SmoothOutConfig(strength=0.05))
+    model[1].weight = nn.Parameter(torch.cat([flat, torch.zeros(8)])[16:32].view(4, 4))  # disjoint: fine
+    assert len(SmoothOut(model, SmoothOutConfig(strength=0.05)).parameter_names) == 2
+
+
+def test_an_unselected_alias_makes_auto_copy():
+    """A frozen parameter (or buffer) over a selected weight's memory: swapping would leave it clean, the copy
+    restore's noise reaches it, so auto copies (and trains like copy)."""
+    model = stack()
+    model.frozen = nn.Parameter(model[0].weight.data, requires_grad=False)
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, seed=0))
+    assert engine.restore_mode == "copy"
+    assert "another tensor of the model" in swap_blocker(
+        [p for p in model.parameters() if p.requires_grad], sharded=False, others=[model.frozen]
+    )
+
+
+@pytest.mark.parametrize("restore", ["copy", "swap"])
+def test_converting_the_model_while_perturbed_is_an_error(restore):
+    """``model.double()`` between perturb and restore made new weights out of the noisy ones: restore says so."""
+    model = stack()
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, seed=0, restore=restore))
+    engine.perturb()
+    model.double()
+    with pytest.raises(RuntimeError, match=r"storage of '0\.weight' was replaced while the weights were perturbed"):
+        engine.restore()
+    assert not engine.is_perturbed  # the engine itself is usable again (it re-binds at the next perturb)
+    with engine.perturbed():
+        pass
