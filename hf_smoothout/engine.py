@@ -834,10 +834,9 @@ class SmoothOut:
         noisy buffer, once the parameters were pointed at it), else ``None``."""
         swapped = self._swaps() and self._swapped
         for slot in self._slots:
-            live = slot.param
-            live_data = local_tensor(live) if self._sharded and is_dtensor(live) else live.data
+            live = local_tensor(slot.param) if self._sharded and is_dtensor(slot.param) else slot.param
             expected = slot.backup if swapped else slot.data
-            if live_data.numel() and live_data.data_ptr() != expected.data_ptr():  # type: ignore[union-attr]
+            if live.numel() and live.data_ptr() != expected.data_ptr():  # type: ignore[union-attr]
                 return slot.name
         return None
 
