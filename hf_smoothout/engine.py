@@ -802,43 +802,58 @@ class SmoothOut:
         """
         if not self._perturbed:
             return
+        unrecoverable: str | None = None
         with interrupts_deferred():  # Ctrl-C waits until the weights are clean and the state says so
             if self._merged is not None:
                 self._merged.disarm()  # nothing to undo: merged-space noise never touches a weight
-            moved = self._moved_while_perturbed() if not self._noop and self.config.denoise else None
+            moved = self._moved_while_perturbed() if not self._noop and self.config.denoise else {}
             if not self._noop and self.config.denoise:
                 with torch.no_grad():
                     if self._swaps():  # back at the untouched clean tensors: nothing to copy
                         for slot in self._slots:
-                            slot.param.data = slot.data
+                            if id(slot) not in moved:
+                                slot.param.data = slot.data
                         self._swapped = False
                     elif self._uses_backup():
                         for params, backups in self._copy_groups:
                             torch._foreach_copy_(params, backups)
                     else:
                         self._run_streams(self._regenerate_and_remove)
+                    # A wrapper that moved a weight to new storage while perturbed, copying it (FSDP2 re-pads a shard
+                    # at its first forward): the copy holds exactly the noisy values, so the clean ones go there too.
+                    for slot, live, recoverable in moved.values():
+                        if recoverable:
+                            live.copy_(slot.data)
+                        elif unrecoverable is None:
+                            unrecoverable = slot.name
             self._perturbed = False
             if not self._noop:
                 release((param for _, param in self._claimed_parameters()), self)
             self._draws += 1
-        if moved is not None:
+        if unrecoverable is not None:
             raise RuntimeError(
-                f"SmoothOut: the storage of {moved!r} was replaced while the weights were perturbed (model.to(), "
-                ".half(), load_state_dict(..., assign=True) or p.data = ... between perturb and restore). Its new "
-                "values were made from the noisy weights, and that noise cannot be removed any more. Convert or load "
-                "the model only while SmoothOut is not perturbed (outside perturbed() and training_step)."
+                f"SmoothOut: the storage of {unrecoverable!r} was replaced while the weights were perturbed, and its "
+                "new values are no plain copy of the noisy ones (model.to(dtype), .half(), load_state_dict(..., "
+                "assign=True) or p.data = ... between perturb and restore): that noise cannot be removed any more. "
+                "Convert or load the model only while SmoothOut is not perturbed (outside perturbed() and "
+                "training_step)."
             )
 
-    def _moved_while_perturbed(self) -> str | None:
-        """The first parameter whose storage is not the one perturb left it on (copy/regenerate: its own; swap: the
-        noisy buffer, once the parameters were pointed at it), else ``None``."""
+    def _moved_while_perturbed(self) -> dict[int, tuple[_Slot, torch.Tensor, bool]]:
+        """Parameters whose storage is not the one perturb left them on (copy/regenerate: their own; swap: the noisy
+        buffer, once the parameters were pointed at it): ``id(slot) -> (slot, live tensor, recoverable)``, where
+        recoverable means the new storage holds exactly the noisy values (checked before anything is restored)."""
         swapped = self._swaps() and self._swapped
+        moved: dict[int, tuple[_Slot, torch.Tensor, bool]] = {}
         for slot in self._slots:
             live = local_tensor(slot.param) if self._sharded and is_dtensor(slot.param) else slot.param
             expected = slot.backup if swapped else slot.data
-            if live.numel() and live.data_ptr() != expected.data_ptr():  # type: ignore[union-attr]
-                return slot.name
-        return None
+            assert expected is not None
+            if live.numel() and live.data_ptr() != expected.data_ptr():
+                same = live.shape == expected.shape and live.dtype == expected.dtype and live.device == expected.device
+                live_data = live.data if isinstance(live, nn.Parameter) else live
+                moved[id(slot)] = (slot, live_data, same and bool(torch.equal(live_data, expected)))
+        return moved
 
     def _regenerate_and_remove(self, stream: _Stream, worker: int) -> None:
         cfg = self.config

@@ -21,21 +21,22 @@ ACCELERATE_FSDP = {
 }
 
 
-def run_fsdp_train(out: Path, model: str, route: str) -> dict:
+def run_fsdp_train(out: Path, model: str, route: str, *, evaluate: bool = True, vocab: int = 64) -> dict:
     """``tests/fsdp_train.py`` on 2 processes: 4 steps of 2 micro-batches; returns its result."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
         "--use_cpu", "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "8",
         "--gradient_accumulation_steps", "2", "--learning_rate", "0.01", "--report_to", "none",
         "--save_strategy", "no", "--disable_tqdm", "true", "--smoothout_strength", "0.05", "--seed", "3",
-        # evaluation before and between training steps leaves FSDP2's root (and accelerate's tail) unsharded
-        "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "2",
     ]  # fmt: skip
+    if evaluate:  # evaluation before and between training steps leaves FSDP2's root (and accelerate's tail) unsharded
+        cmd += ["--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "2"]
     if route == "accelerate":
         cmd += ACCELERATE_FSDP[model]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FSDP_TEST_MODEL", model)
         patch.setenv("FSDP_TEST_ROUTE", route)
+        patch.setenv("FSDP_TEST_VOCAB", str(vocab))
         run_launcher(cmd)
     result = json.loads((out / "fsdp_result.json").read_text())
     assert result["route"] == route
@@ -65,6 +66,17 @@ def test_fsdp2_shards_get_the_noise_law_and_are_restored_bit_exactly(tmp_path, m
     assert result["unsharded_at_step_begin"][0]  # the evaluation on start left temporary full weights behind...
     assert result["engine_on_shards_each_step"] == [True] * 4  # ...yet every step perturbed the shards
     assert result["last_noise_norm"] > 0
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_first_forward_moving_a_padded_shard_leaves_no_noise(tmp_path):
+    """No evaluation before the first step, and an odd vocabulary: FSDP2's first forward (its lazy init) copies the
+    last rank's padded embedding shard, noise and all, to new storage while the weights are perturbed. The engine
+    restores the clean values there too (before, that rank's embeddings kept the first draw's noise for good)."""
+    result = run_fsdp_train(tmp_path, "bert", "transformers", evaluate=False, vocab=65)
+    assert result["world_size"] == 2 and result["steps"] == 4 and not result["evaluated"]
+    assert result["shards_restored_each_step"] == [True] * 4  # every parameter, every rank, before every step
+    assert result["draws"] == 8 and result["params_changed"]
 
 
 @pytest.mark.multiprocess

@@ -225,3 +225,28 @@ def test_converting_the_model_while_perturbed_is_an_error(restore):
     assert not engine.is_perturbed  # the engine itself is usable again (it re-binds at the next perturb)
     with engine.perturbed():
         pass
+
+
+@pytest.mark.parametrize("restore", ["copy", "swap", "regenerate"])
+def test_a_weight_copied_to_new_storage_while_perturbed_is_restored_there(restore):
+    """What FSDP2 does at its first forward when it re-pads a shard (measured in the ``--fsdp_size 2`` recipe run):
+    it moves the weight, noise and all, to new storage. The noisy values are an exact copy, so the clean ones are
+    written there too; before, the old storage was restored and the live weight kept its noise."""
+    model = stack()
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, seed=0, restore=restore))
+    clean = clone_params(model)
+    engine.perturb()
+    moved = model[0].weight.data.clone()
+    model[0].weight.data = moved
+    engine.restore()
+    assert model[0].weight.data_ptr() == moved.data_ptr()  # the new storage is kept
+    if restore == "regenerate":
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), clean[name], rtol=1e-6, atol=1e-7)
+    else:
+        assert_params_equal(model, clean)
+    with engine.perturbed():  # re-binds to the new storage
+        assert not torch.equal(model[0].weight, clean["0.weight"])
+    assert model[0].weight.data_ptr() == moved.data_ptr()
+    if restore != "regenerate":
+        assert_params_equal(model, clean)
