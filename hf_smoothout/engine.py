@@ -55,7 +55,6 @@ from .noise import (
     NonFiniteNoiseError,
     add_noise_,
     draw_,
-    filter_scale_,
     filter_scales_,
     remove_noise_,
     row_length,
@@ -64,7 +63,7 @@ from .noise import (
 )
 from .ownership import claim, release
 from .prefetch import NoisePrefetcher
-from .restore_choice import resolve_restore
+from .restore_choice import EXACT_RESTORES, resolve_restore
 from .schedules import noise_coefficient
 from .seeding import derive_seed, draw_row_blocks_, seeded_generator
 from .selection import SelectedParameter, select_parameters
@@ -101,8 +100,6 @@ _AUTO_PREFETCH_ELEMENTS = 1 << 24
 # exceeds this factor times the last checked one (a handful of checks per run, whatever the schedule).
 _FINITE_CHECK_GROWTH = 2.0
 _SEED_LIMIT = 2**64
-# Restores that leave the weights bit-identical to a copy restore: switching between them changes no result.
-_EXACT_RESTORES = {"auto", "copy", "swap"}
 # Stream ids of FSDP2 row-block draws start here (plus the parameter's index), apart from the rank streams.
 _ROW_BLOCK_STREAMS = 1 << 40
 
@@ -512,6 +509,10 @@ class SmoothOut:
                 return slot
         return None
 
+    def _live(self, slot: _Slot) -> torch.Tensor:
+        """The tensor holding ``slot``'s values now: the local shard of a DTensor parameter, else the parameter."""
+        return local_tensor(slot.param) if self._sharded and is_dtensor(slot.param) else slot.param
+
     def _check_bindings(self) -> None:
         """Re-bind the buffers if a parameter's storage changed; refuse a parameter object that was replaced."""
         replaced = self._replaced_slot()
@@ -525,9 +526,7 @@ class SmoothOut:
             )
         stale = False
         for slot in self._slots:
-            data, live = slot.data, slot.param
-            if self._sharded and is_dtensor(live):
-                live = local_tensor(live)
+            data, live = slot.data, self._live(slot)
             if (
                 live.data_ptr() != data.data_ptr()
                 or live.shape != data.shape
@@ -770,17 +769,14 @@ class SmoothOut:
         still in cache when its row norms and fused add read it, and no ``_foreach`` call pays its CPU overhead.
         """
         cfg = self.config
-        row_scaled, normalize = cfg.adapt in ROW_SCALED_MODES, cfg.adapt == "filter"
         for stream in self._streams:
             for slot in stream.slots:
-                u, clean = self._noisy(slot), self._clean(slot)
+                u = self._noisy(slot)
                 draw_(u, cfg.distribution, stream.generator)
-                if row_scaled:
-                    assert slot.norms is not None
-                    scale = filter_scale_(clean, u, strength, slot.row_axis, slot.norms, normalize=normalize)
-                    torch.addcmul(clean, u, scale, out=u)
-                else:
-                    add_noise_(u, clean, u, adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis)
+                add_noise_(
+                    u, self._clean(slot), u, adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis,
+                    norm_buffers=slot.norms,
+                )  # fmt: skip
 
     def _perturb_chunks(self, stream: _Stream, worker: int, strength: float) -> None:
         """No backup (regenerate restore, or no de-noising): draw chunk by chunk into scratch and add in place."""
@@ -846,7 +842,7 @@ class SmoothOut:
         swapped = self._swaps() and self._swapped
         moved: dict[int, tuple[_Slot, torch.Tensor, bool]] = {}
         for slot in self._slots:
-            live = local_tensor(slot.param) if self._sharded and is_dtensor(slot.param) else slot.param
+            live = self._live(slot)
             expected = slot.backup if swapped else slot.data
             assert expected is not None
             if live.numel() and live.data_ptr() != expected.data_ptr():
@@ -944,7 +940,7 @@ class SmoothOut:
             for name in SmoothOutConfig.field_names():
                 if name == "seed" or name not in saved or saved[name] == current[name]:
                     continue
-                if name == "prefetch" or (name == "restore" and {saved[name], current[name]} <= _EXACT_RESTORES):
+                if name == "prefetch" or (name == "restore" and {saved[name], current[name]} <= EXACT_RESTORES):
                     continue  # the same noise and the same weights either way: the run does not change
                 differences.append(f"{name}: {saved[name]!r} -> {current[name]!r}")
         if self.config.seed is not None and self.config.seed != seed:

@@ -30,9 +30,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from .config import SmoothOutConfig
+from .selection import is_plain_tensor
+
+EXACT_RESTORES = frozenset({"auto", "copy", "swap"})
+"""Restores that leave the weights bit-identical to a copy restore: switching between them changes no result."""
 
 
 def swap_blocker(params: Sequence[torch.Tensor], *, sharded: bool, others: Sequence[torch.Tensor] = ()) -> str | None:
@@ -49,13 +52,13 @@ def swap_blocker(params: Sequence[torch.Tensor], *, sharded: bool, others: Seque
         return "parameters are sharded (FSDP2/DTensor)"
     if not params:
         return "no parameter is selected"
-    aliased = {t.untyped_storage().data_ptr() for t in others if type(t) in (nn.Parameter, torch.Tensor)}
+    aliased = {t.untyped_storage().data_ptr() for t in others if is_plain_tensor(t)}
     aliased.discard(0)  # meta and empty tensors have no storage to share
     storages: set[int] = set()
     for p in params:
         if p.device.type != "cpu":
             return f"a parameter is on {p.device.type}, not the CPU"
-        if type(p) not in (nn.Parameter, torch.Tensor):
+        if not is_plain_tensor(p):
             return f"a parameter is a {type(p).__name__}, not a plain tensor"
         if not p.is_contiguous():
             return "a parameter is not contiguous"

@@ -61,10 +61,16 @@ def output_axis(module: nn.Module, local_name: str, param: torch.Tensor) -> int:
     return 0
 
 
+def is_plain_tensor(tensor: torch.Tensor) -> bool:
+    """A ``torch.Tensor`` or ``nn.Parameter`` itself, not a subclass (DTensor, quantized weights) whose storage
+    says more (or less) than its values."""
+    return type(tensor) in (nn.Parameter, torch.Tensor)
+
+
 def _memory(param: torch.Tensor) -> tuple[tuple[str, int], tuple[int, int], tuple[object, ...]] | None:
     """Where ``param``'s values live: (device and storage address, element range, exact view), or ``None`` when it
     has no real storage to compare (meta tensors, tensor subclasses such as DTensor)."""
-    if type(param) not in (nn.Parameter, torch.Tensor) or param.device.type == "meta":
+    if not is_plain_tensor(param) or param.device.type == "meta":
         return None
     data = param.data
     address = data.untyped_storage().data_ptr()
