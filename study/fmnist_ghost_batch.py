@@ -77,6 +77,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -181,6 +182,10 @@ class GhostStudyArguments(MLPStudyOptions):
     )
     eval_batch_size: int = field(default=2048, metadata={"help": "Batch size of the accuracy evaluations."})
     subspace_dim: int = field(default=100, metadata={"help": "M of the random-subspace epsilon-sharpness."})
+    final_arms: list[str] | None = field(
+        default=None,
+        metadata={"help": "Final runs of a stage only for these arms (default: all arms of the stage)."},
+    )
     cost_rounds: int = field(default=3, metadata={"help": "Round-robin rounds of the cost benchmark."})
     cost_epochs: float = field(default=1.0, metadata={"help": "Epochs per arm and round in the cost benchmark."})
     cost_arms: list[str] | None = field(
@@ -282,6 +287,14 @@ ARMS: dict[str, Arm] = {
             follows="adasmoothout",
         ),
         Arm(
+            "so_gaussian",
+            "large",
+            "SmoothOut, Gaussian",
+            adapt="none",
+            distribution="gaussian",
+            follows="smoothout",
+        ),
+        Arm(
             "ada_draw_step",
             "large",
             "AdaSmoothOut, one draw per step",
@@ -304,7 +317,7 @@ ARMS: dict[str, Arm] = {
 SWEEP_ARMS = {"sweep": ("smoothout", "adasmoothout", "sam"), "small": ("small_smoothout", "small_adasmoothout")}
 FINAL_ARMS = {
     "core": ("small_baseline", "naive", "ghost", "smoothout", "adasmoothout", "sam"),
-    "ablation": ("ada_nodenoise", "ada_gaussian", "ada_draw_step"),
+    "ablation": ("ada_nodenoise", "ada_gaussian", "ada_draw_step", "so_gaussian"),
     "small": ("small_smoothout", "small_adasmoothout"),
 }
 TRAINING_STAGES = ("sweep", "core", "ablation", "small")
@@ -542,6 +555,18 @@ def build_trainer(
     return trainer, model, recorder, reset, info
 
 
+def engine_commit() -> str | None:
+    """The git commit of the checkout that runs this study (which engine drew the noise), or None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def train_one(
     study: GhostStudyArguments,
     data: dict[str, TensorExamples],
@@ -587,6 +612,7 @@ def train_one(
         "epochs": epochs,
         "momentum_resets": reset.resets if reset is not None else 0,
         "noise": trainer.smoothout_config.to_dict(),
+        "engine_commit": engine_commit(),
         "epoch_seconds": recorder.seconds,
         "train_runtime_s": result.metrics["train_runtime"],
         "train_loss": result.metrics["train_loss"],
@@ -713,8 +739,13 @@ def execute(
 
 def final_jobs(study: GhostStudyArguments, stage: str, runs: dict[str, dict[str, Any]]) -> Iterator[tuple]:
     """(arm, value or None, seed) of a stage's final runs, seed by seed (so the cells stay paired)."""
+    unknown = sorted(set(study.final_arms or ()) - set(ARMS))
+    if unknown:
+        raise ValueError(f"--final_arms: unknown arm(s) {unknown}; the arms are {sorted(ARMS)}.")
     for seed in study.seeds:
         for name in FINAL_ARMS[stage]:
+            if study.final_arms is not None and name not in study.final_arms:
+                continue
             yield ARMS[name], chosen_value(study, ARMS[name], runs), seed
 
 
