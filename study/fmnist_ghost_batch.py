@@ -559,7 +559,10 @@ def engine_commit() -> str | None:
     """The git commit of the checkout that runs this study (which engine drew the noise), or None outside git."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
             check=True,
         )
     except (OSError, subprocess.CalledProcessError):
