@@ -115,6 +115,7 @@ class _Slot:
     module: nn.Module | None = None
     local_name: str = ""
     backup: torch.Tensor | None = None
+    held: torch.Tensor | None = None  # copy restore, suspended window: the noisy values until resume
     norms: tuple[torch.Tensor, torch.Tensor] | None = None
     reduce_groups: tuple[Any, ...] = ()  # process groups splitting this parameter's rows (sharded, adapt=filter)
     index: int = 0  # position among the selected parameters (model order): names its sharded noise
@@ -164,6 +165,52 @@ def _balanced_split(slots: list[_Slot], parts: int) -> list[list[_Slot]]:
         bins[i].append(slot)
         loads[i] += slot.data.numel()
     return [sorted(b, key=lambda s: order[id(s)]) for b in bins if b]
+
+
+def module_tensor_attributes(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors the model's modules hold as plain attributes (neither parameter nor buffer), directly or in a list,
+    tuple or dict: ``self.w_t = self.lin.weight.data.t()`` keeps an alias of a weight that ``model.parameters()``
+    does not show (the ``"auto"`` restore copies rather than swaps such a weight).
+
+    Example:
+        >>> from torch import nn
+        >>> layer = nn.Linear(2, 2)
+        >>> layer.w_t = layer.weight.data.t()
+        >>> [t.shape for t in module_tensor_attributes(layer)]
+        [torch.Size([2, 2])]
+    """
+    found: list[torch.Tensor] = []
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, dict):
+                items = list(value.values())
+            else:
+                items = list(value) if isinstance(value, (list, tuple)) else [value]
+            found.extend(v for v in items if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
+    return found
+
+
+def check_no_forward_writes(selected: list[SelectedParameter]) -> None:
+    """Refuse selected weights that their own forward pass rewrites: ``nn.Embedding(max_norm=...)`` renormalizes
+    the rows it looks up in place, which the restore after the backward pass would undo.
+
+    Example:
+        >>> from torch import nn
+        >>> from hf_smoothout.selection import select_parameters
+        >>> try:
+        ...     check_no_forward_writes(select_parameters(nn.Embedding(4, 2, max_norm=1.0), SmoothOutConfig()))
+        ... except ValueError as err:
+        ...     print(str(err)[:60])
+        SmoothOut: 'weight' belongs to nn.Embedding(max_norm=1.0), w
+    """
+    for sel in selected:
+        if isinstance(sel.module, nn.Embedding) and sel.module.max_norm is not None:
+            raise ValueError(
+                f"SmoothOut: {sel.name!r} belongs to nn.Embedding(max_norm={sel.module.max_norm:g}), whose forward "
+                "renormalizes the looked-up rows in place; restoring the clean weights after the backward pass would "
+                "undo that. Leave it out with config.exclude (e.g. exclude=[...embedding name...]), or set "
+                "max_norm=None."
+            )
 
 
 def check_restore_mode(config: SmoothOutConfig, world_size: int) -> None:
@@ -267,6 +314,8 @@ class SmoothOut:
             self._selected = [s for s in self._selected if id(s.param) not in adapters]
             if config.enabled:
                 self._merged = MergedSpace(layers)
+        if config.enabled and config.denoise:
+            check_no_forward_writes(self._selected)
         sharded = [s for s in self._selected if is_dtensor(s.param)]
         split = [s.name for s in sharded if not rows_are_local(s.param, s.row_axis)]
         copy_restore = config.denoise and config.restore in ("copy", "auto")  # auto: copy for sharded parameters
@@ -302,7 +351,12 @@ class SmoothOut:
         # (the same noise for any shard count); other layouts draw from this rank's streams.
         self._noise_rank = self.rank if (config.independent_ranks or self._sharded) else 0
         self._draws = 0  # noise draws so far: the only state a checkpoint needs
-        self._perturbed = False
+        self._perturbed = False  # the noise window is open: perturb ran, restore has not
+        self._suspended = False  # ... but the noise is out of the weights (suspend), until resume
+        self._held = False  # while suspended: the second buffers still hold this window's noisy weights
+        self._window: tuple[int, int | None] = (0, None)  # (step, total_steps) the window was opened for
+        self._window_versions: list[int] = []  # version counters of the weights once the noise was in
+        self._suspend_versions: list[int] = []  # ... and once it was out again (suspend)
         self._swapped = False  # swap restore: the parameters point at the noisy buffers
         self._noop = False
         self._current_strength = 0.0
@@ -341,8 +395,29 @@ class SmoothOut:
 
     @property
     def is_perturbed(self) -> bool:
-        """True between ``perturb`` and ``restore``."""
+        """True between ``perturb`` and ``restore``: the noise window is open (also while suspended)."""
         return self._perturbed
+
+    @property
+    def is_noisy(self) -> bool:
+        """True while the weights hold noise: between ``perturb`` (or ``resume``) and ``restore`` (or ``suspend``).
+
+        Example:
+            >>> from torch import nn
+            >>> so = SmoothOut(nn.Linear(2, 2), SmoothOutConfig(strength=0.1, seed=0))
+            >>> _ = so.perturb(); so.suspend(); so.is_perturbed, so.is_noisy
+            (True, False)
+            >>> so.resume(); so.is_noisy
+            True
+            >>> so.restore(); so.is_perturbed
+            False
+        """
+        return self._perturbed and not self._suspended
+
+    @property
+    def window_step(self) -> int | None:
+        """The ``step`` the open noise window was drawn for (``perturb(step, ...)``), else ``None``."""
+        return self._window[0] if self._perturbed else None
 
     @property
     def current_strength(self) -> float:
@@ -362,7 +437,7 @@ class SmoothOut:
             tensors.extend(self._prefetcher.buffers)
         for stream in self._streams:
             for slot in stream.slots:
-                tensors.extend(t for t in (slot.backup, *(slot.norms or ())) if t is not None)
+                tensors.extend(t for t in (slot.backup, slot.held, *(slot.norms or ())) if t is not None)
         return tensors
 
     def strength_at(self, step: int, total_steps: int | None = None) -> float:
@@ -416,6 +491,7 @@ class SmoothOut:
         enabled = self.config.enabled
         chosen = {id(sel.param) for sel in self._selected}
         others = [p for p in self.model.parameters() if id(p) not in chosen] + list(self.model.buffers())
+        others += module_tensor_attributes(self.model)
         self._restore = resolve_restore(
             self.config, [sel.param for sel in self._selected], sharded=self._sharded, others=others
         )
@@ -592,6 +668,8 @@ class SmoothOut:
             raise RuntimeError("SmoothOut.perturb called twice without restore(); the weights are already perturbed.")
         strength = self.strength_at(step, total_steps)
         self._current_strength = strength
+        self._window = (step, total_steps)
+        self._suspended = self._held = False
         self._noop = strength == 0.0 or (not self._selected and self._merged is None)
         if self._noop:
             self._perturbed = True
@@ -607,6 +685,7 @@ class SmoothOut:
                 else:
                     release((param for _, param in self._claimed_parameters()), self)
                 raise
+            self._window_versions = self._versions()
             if interrupt.pending:
                 self.restore()
         return strength
@@ -650,16 +729,7 @@ class SmoothOut:
                 self._run_streams(
                     lambda stream, worker: self._perturb_chunks(stream, worker, strength), cancellable=True
                 )
-            if self._merged is not None:
-                self._merged.arm(
-                    adapt=self.config.adapt,
-                    distribution=self.config.distribution,
-                    strength=strength,
-                    base_seed=self.base_seed,
-                    rank=self._noise_rank,
-                    draw=self._draws,
-                    check_finite=check_finite,
-                )
+            self._arm_merged(strength, check_finite=check_finite)
             if clean_finite:
                 if not self._all_finite(noisy=True):
                     raise NonFiniteNoiseError(
@@ -668,6 +738,18 @@ class SmoothOut:
                         "large for these weights. Lower it (typical: 1e-3 to 5e-2 with adapt='filter')."
                     )
                 self._checked_strength = strength
+
+    def _arm_merged(self, strength: float, *, check_finite: bool) -> None:
+        if self._merged is not None:
+            self._merged.arm(
+                adapt=self.config.adapt,
+                distribution=self.config.distribution,
+                strength=strength,
+                base_seed=self.base_seed,
+                rank=self._noise_rank,
+                draw=self._draws,
+                check_finite=check_finite,
+            )
 
     def _seed_stream(self, stream: _Stream) -> None:
         seed = derive_seed(self.base_seed, self._noise_rank, stream.stream_id, self._draws)
@@ -790,50 +872,199 @@ class SmoothOut:
             stream.chunks_done += 1
 
     def restore(self) -> None:
-        """Remove the noise added by the last ``perturb`` (no-op when not perturbed).
+        """Remove the noise added by the last ``perturb`` and close the noise window (no-op when not perturbed).
 
         With ``restore="copy"``, ``"swap"`` or ``"auto"`` the weights are bit-identical to before ``perturb``. With
         ``"regenerate"`` the noise is redrawn from the saved generator states and removed:
         equal up to rounding. With ``denoise=False`` the noise stays in the weights by design.
+
+        Raises ``RuntimeError`` (after restoring) when a weight was written inside the window (see `suspend`).
         """
         if not self._perturbed:
             return
-        unrecoverable: str | None = None
+        error: RuntimeError | None = None
         with interrupts_deferred():  # Ctrl-C waits until the weights are clean and the state says so
-            if self._merged is not None:
-                self._merged.disarm()  # nothing to undo: merged-space noise never touches a weight
-            moved = self._moved_while_perturbed() if not self._noop and self.config.denoise else {}
-            if not self._noop and self.config.denoise:
-                with torch.no_grad():
-                    if self._swaps():  # back at the untouched clean tensors: nothing to copy
-                        for slot in self._slots:
-                            if id(slot) not in moved:
-                                slot.param.data = slot.data
-                        self._swapped = False
-                    elif self._uses_backup():
-                        for params, backups in self._copy_groups:
-                            torch._foreach_copy_(params, backups)
-                    else:
-                        self._run_streams(self._regenerate_and_remove)
-                    # A wrapper that moved a weight to new storage while perturbed, copying it (FSDP2 re-pads a shard
-                    # at its first forward): the copy holds exactly the noisy values, so the clean ones go there too.
-                    for slot, live, recoverable in moved.values():
-                        if recoverable:
-                            live.copy_(slot.data)
-                        elif unrecoverable is None:
-                            unrecoverable = slot.name
-            self._perturbed = False
-            if not self._noop:
-                release((param for _, param in self._claimed_parameters()), self)
-            self._draws += 1
+            try:
+                if not self._suspended:
+                    error = self._take_noise_out(keep=False)
+            finally:
+                self._close_window()
+        if error is not None:
+            raise error
+
+    def suspend(self) -> None:
+        """Take the noise out of the weights, bit-exactly as `restore` does, but keep the window open: `resume`
+        puts the same noisy weights back (no new draw). No-op unless the weights are noisy.
+
+        Between the micro-batches of one ``noise_every="step"`` window the weights are clean this way, so nothing
+        that runs there (evaluation, checkpoints, callbacks, generation) sees noise. With swap the noisy weights
+        stay in the swap buffers (free); with copy they are kept in one more buffer per weight (allocated at the
+        first suspend); with regenerate (or after a wrapper moved a weight) the noise is removed and drawn again,
+        identically, by `resume`.
+
+        Raises ``RuntimeError`` (after closing the window, weights clean) when a weight was written between
+        ``perturb`` and now (an optimizer step inside backward, ``nn.Embedding(max_norm=...)``): removing the noise
+        would silently undo that write.
+        """
+        if not self.is_noisy:
+            return
+        error: RuntimeError | None = None
+        with interrupts_deferred():
+            try:
+                error = self._take_noise_out(keep=True)
+            except BaseException:
+                self._close_window()
+                raise
+            if error is not None:
+                self._close_window()
+            else:
+                self._suspended = True
+                self._suspend_versions = self._versions()
+        if error is not None:
+            raise error
+
+    def resume(self) -> None:
+        """Put the open window's noise back into the weights after `suspend` (no-op unless suspended).
+
+        The noisy weights are exactly those of the window's ``perturb``: taken from the kept buffers when the clean
+        weights are untouched since `suspend` (their version counters and storage unchanged), else drawn again
+        from the same draw (the noise is a function of seed, rank, stream and draw, and of the clean weights for
+        the per-row laws).
+        """
+        if not self._perturbed or not self._suspended:
+            return
+        if self._noop or not self.config.denoise:
+            self._suspended = False
+            return
+        if not (self._held and self._untouched_since_suspend()):
+            # Draw the same noise again: same draw index, current clean weights.
+            release((param for _, param in self._claimed_parameters()), self)
+            self._perturbed = self._suspended = self._held = False
+            self.perturb(*self._window)
+            return
+        with interrupts_deferred() as interrupt:
+            with torch.no_grad():
+                if self._swaps():
+                    for slot in self._slots:
+                        slot.param.data = slot.backup
+                    self._swapped = True
+                else:
+                    torch._foreach_copy_([s.data for s in self._slots], [s.held for s in self._slots])
+            self._arm_merged(self._current_strength, check_finite=False)
+            self._suspended = False
+            self._window_versions = self._versions()
+            if interrupt.pending:
+                self.restore()
+
+    @contextlib.contextmanager
+    def noise_suspended(self) -> Iterator[None]:
+        """Context manager: clean weights inside (`suspend`), the window's noise back on exit (`resume`).
+
+        For code that must run at the clean weights while a window is open (an evaluation or a reference pass
+        inside a training step). A no-op when the weights are not noisy.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> layer = nn.Linear(3, 3); clean = layer.weight.detach().clone()
+            >>> so = SmoothOut(layer, SmoothOutConfig(strength=0.1, seed=0))
+            >>> with so.perturbed():
+            ...     with so.noise_suspended():
+            ...         torch.equal(layer.weight, clean)
+            True
+        """
+        was_noisy = self.is_noisy
+        self.suspend()
+        try:
+            yield
+        finally:
+            if was_noisy:
+                self.resume()
+
+    def _close_window(self) -> None:
+        self._perturbed = self._suspended = self._held = False
+        if not self._noop:
+            release((param for _, param in self._claimed_parameters()), self)
+        self._draws += 1
+
+    def _versions(self) -> list[int]:
+        """Version counters of the tensors holding the selected weights (bumped by every in-place write)."""
+        return [self._live(slot)._version for slot in self._slots]
+
+    def _untouched_since_suspend(self) -> bool:
+        """Whether no selected weight was written, re-bound or replaced since `suspend`."""
+        if self._replaced_slot() is not None or len(self._suspend_versions) != len(self._slots):
+            return False
+        for slot, version in zip(self._slots, self._suspend_versions, strict=True):
+            live = self._live(slot)
+            if live.data_ptr() != slot.data.data_ptr() or live._version != version:
+                return False
+        return True
+
+    def _take_noise_out(self, *, keep: bool) -> RuntimeError | None:
+        """Make the weights clean again (bit-exactly with a backup); ``keep``: leave the noisy weights in the second
+        buffers for `resume`. Returns the error to raise once the window's state is settled, or ``None``."""
+        if self._merged is not None:
+            self._merged.disarm()  # nothing to undo: merged-space noise never touches a weight
+        if self._noop or not self.config.denoise:
+            return None
+        moved = self._moved_while_perturbed()
+        written = self._written_in_window(moved)
+        unrecoverable: str | None = None
+        with torch.no_grad():
+            if self._swaps():  # back at the untouched clean tensors: nothing to copy; the noisy ones stay in backup
+                for slot in self._slots:
+                    if id(slot) not in moved:
+                        slot.param.data = slot.data
+                self._swapped = False
+            elif self._uses_backup():
+                if keep and not moved:
+                    held = [self._held_buffer(slot) for slot in self._slots]
+                    torch._foreach_copy_(held, [s.data for s in self._slots])
+                for params, backups in self._copy_groups:
+                    torch._foreach_copy_(params, backups)
+            else:
+                self._run_streams(self._regenerate_and_remove)
+            # A wrapper that moved a weight to new storage while perturbed, copying it (FSDP2 re-pads a shard
+            # at its first forward): the copy holds exactly the noisy values, so the clean ones go there too.
+            for slot, live, recoverable in moved.values():
+                if recoverable:
+                    live.copy_(slot.data)
+                elif unrecoverable is None:
+                    unrecoverable = slot.name
+        self._held = keep and not moved and self._uses_backup()
         if unrecoverable is not None:
-            raise RuntimeError(
+            return RuntimeError(
                 f"SmoothOut: the storage of {unrecoverable!r} was replaced while the weights were perturbed, and its "
                 "new values are no plain copy of the noisy ones (model.to(dtype), .half(), load_state_dict(..., "
                 "assign=True) or p.data = ... between perturb and restore): that noise cannot be removed any more. "
                 "Convert or load the model only while SmoothOut is not perturbed (outside perturbed() and "
                 "training_step)."
             )
+        if written is not None:
+            return RuntimeError(
+                f"SmoothOut: {written!r} was written while the noise was in the weights (inside the forward or "
+                "backward pass): an optimizer step inside backward (a register_post_accumulate_grad_hook calling "
+                "optimizer.step(), LOMO-style), nn.Embedding(max_norm=...) renormalizing rows, or another in-place "
+                "update. Removing the noise would silently undo that write, so SmoothOut stops here; the weights "
+                "are back at their values before the noise (that write is lost). Step the optimizer after the "
+                "backward pass, set the embedding's max_norm=None, or leave the parameter out with config.exclude."
+            )
+        return None
+
+    def _written_in_window(self, moved: Mapping[int, Any]) -> str | None:
+        """The first selected weight written in place since the noise went in (its version counter moved)."""
+        if len(self._window_versions) != len(self._slots):
+            return None
+        for slot, version in zip(self._slots, self._window_versions, strict=True):
+            if id(slot) not in moved and self._live(slot)._version != version:
+                return slot.name
+        return None
+
+    def _held_buffer(self, slot: _Slot) -> torch.Tensor:
+        if slot.held is None or slot.held.shape != slot.data.shape or slot.held.dtype != slot.data.dtype:
+            slot.held = torch.empty_like(slot.data, memory_format=torch.contiguous_format)
+        return slot.held
 
     def _moved_while_perturbed(self) -> dict[int, tuple[_Slot, torch.Tensor, bool]]:
         """Parameters whose storage is not the one perturb left them on (copy/regenerate: their own; swap: the noisy
@@ -902,11 +1133,11 @@ class SmoothOut:
             >>> {k: so.state_dict()[k] for k in ("base_seed", "draws", "rank", "world_size")}
             {'base_seed': 3, 'draws': 1, 'rank': 0, 'world_size': 1}
         """
-        if self._perturbed:
+        if self.is_noisy:
             raise RuntimeError("SmoothOut.state_dict() while the weights are perturbed; call restore() first.")
         return {
             "base_seed": self.base_seed,
-            "draws": self._draws,
+            "draws": self._draws + int(self._perturbed),  # a suspended window counts as drawn: restore() closes it
             "config": self.config.to_dict(),
             "rank": self.rank,
             "world_size": self.world_size,
@@ -969,8 +1200,9 @@ class SmoothOut:
 
         The layers compute exactly as before the engine was built; this engine cannot perturb them again.
         """
-        if self._perturbed:
+        if self.is_noisy:
             raise RuntimeError("SmoothOut.detach() while the weights are perturbed; call restore() first.")
+        self.restore()  # a suspended window: the weights are clean already
         if self._merged is not None:
             self._merged.close()
 

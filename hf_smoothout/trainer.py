@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -133,6 +134,13 @@ class SmoothOutMixin:
         self._smoothout_loss_scaled = False
         self._smoothout_loss_checked = 0.0
         self._smoothout_fsdp_modules: list[Any] = []
+        self._smoothout_armed = False  # training_step runs: compute_loss opens the noise window
+        self._smoothout_opened = False
+        self._smoothout_loss_inputs: dict[str, Any] | None = None
+        self._smoothout_trial_pending = False
+        self._smoothout_args_at_init = (
+            self.args.to_smoothout_config().to_dict() if isinstance(self.args, SmoothOutTrainingArguments) else {}
+        )
         # Buffers and plausibility warnings now, not at the first step; except under accelerate's FSDP plugin,
         # which shards the model only inside train (now it may be whole on every rank, or on the meta device).
         if self.smoothout_config.enabled and self.model is not None and not getattr(self, "is_fsdp_enabled", False):
@@ -148,11 +156,18 @@ class SmoothOutMixin:
         engine to temporary full weights.
         """
         reshard_(self._smoothout_fsdp_modules)
+        if self._smoothout_trial_pending:
+            self._smoothout_trial_pending = False
+            self.smoothout_config = self._smoothout_trial_config()
+            check_restore_mode(self.smoothout_config, self.args.world_size)
+            check_selection(self.model, self.smoothout_config)
         old = self.smoothout
         if old is None or old.model is not self.model or old.parameters_replaced:
             self._smoothout_fsdp_modules = fsdp_modules(self.model) if self.model is not None else []
             reshard_(self._smoothout_fsdp_modules)
             if old is not None:
+                if not old.is_noisy:
+                    old.restore()  # a suspended step-mode window: the weights are clean
                 if old.is_perturbed:
                     raise RuntimeError(
                         "SmoothOut: the model or its parameters changed while the weights were perturbed; "
@@ -206,6 +221,12 @@ class SmoothOutMixin:
         return dtype
 
     # ------------------------------------------------------------------ the step
+    # The noise window: `training_step` arms it, `compute_loss` opens it (perturb, or resume a step-mode window)
+    # right before the loss's forward pass, and `training_step` closes it (restore, or suspend between the
+    # micro-batches of a step-mode window) in `finally`. So only the loss's forward and backward passes see noise:
+    # `_prepare_inputs` (TRL's GRPO generates and scores completions there), the optimizer's `train()` and
+    # everything outside `training_step` (evaluation, checkpoints, callbacks, `load_best_model_at_end`) run at the
+    # clean weights, also when the Trainer leaves the micro-batch loop before a window's last micro-batch.
     def training_step(
         self,
         model: nn.Module,
@@ -215,25 +236,15 @@ class SmoothOutMixin:
         """Forward + backward at ``samples`` fresh noisy copies of the weights; weights clean on return."""
         if not self.smoothout_config.enabled:
             return super().training_step(model, inputs, num_items_in_batch)
-        if self.smoothout_config.noise_every == "step":
-            return self._smoothout_window_step(model, inputs, num_items_in_batch)
         engine = self.smoothout_engine()
-        optimizer_train = getattr(self.optimizer, "train", None)
-        if callable(optimizer_train):
-            optimizer_train()  # schedule-free optimizers rewrite the weights here: do it before perturbing
+        if self.smoothout_config.noise_every == "step":
+            return self._smoothout_window_step(engine, model, inputs, num_items_in_batch)
         samples = self.smoothout_config.samples
-        step, total = self.state.global_step, self.state.max_steps
         total_loss: torch.Tensor | None = None
         for _ in range(samples):
             self._smoothout_samples_in_flight = samples
             self._smoothout_loss_scaled = False
-            try:  # perturb inside the try: an interrupt right after it returns still restores
-                engine.perturb(step, total)
-                loss = super().training_step(model, inputs, num_items_in_batch)
-            finally:
-                engine.restore()
-                self._smoothout_samples_in_flight = 1
-            self._smoothout_check_loss(model, inputs, loss, engine.current_strength)
+            loss = self._smoothout_armed_step(engine, model, inputs, num_items_in_batch, last=True)
             if samples > 1 and not self._smoothout_loss_scaled:
                 raise RuntimeError(
                     f"smoothout samples={samples} needs the loss divided by {samples}, which SmoothOutMixin does in "
@@ -245,48 +256,128 @@ class SmoothOutMixin:
         return total_loss
 
     def _smoothout_window_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+        self, engine: SmoothOut, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
     ) -> torch.Tensor:
-        """``noise_every="step"``: perturb at the window's first micro-batch, restore after its last one.
+        """``noise_every="step"``: one draw for all micro-batches of an accumulation window.
 
-        Between the micro-batches of one window nothing but the forward and backward passes runs (the
-        Trainer clips, steps, logs, saves and evaluates only after the last one), so the weights stay noisy
-        there; they are restored after the last micro-batch, on any error, and when ``train`` ends.
+        The window opens at its first micro-batch's loss and closes after its last one; in between it is suspended
+        (`SmoothOut.suspend`: weights clean, the same noise back at the next micro-batch's loss). A window the
+        Trainer left before its last micro-batch (an ``IterableDataset`` epoch, a callback stopping training, the
+        SIGTERM checkpoint) is closed when the next window starts or ``train`` ends.
         """
-        engine = self.smoothout_engine()
-        if not engine.is_perturbed:
-            optimizer_train = getattr(self.optimizer, "train", None)
-            if callable(optimizer_train):
-                optimizer_train()  # schedule-free optimizers rewrite the weights: only while they are clean
-        last = bool(self.accelerator.sync_gradients)
-        restore = True
+        if engine.is_perturbed and engine.window_step != self.state.global_step:
+            engine.restore()  # left before its last micro-batch: the optimizer has stepped since
+        return self._smoothout_armed_step(
+            engine, model, inputs, num_items_in_batch, last=bool(self.accelerator.sync_gradients)
+        )
+
+    def _smoothout_armed_step(
+        self,
+        engine: SmoothOut,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None,
+        *,
+        last: bool,
+    ) -> torch.Tensor:
+        """The parent's ``training_step`` with the window armed (opened by `compute_loss`); ``last``: close the window
+        afterwards, else suspend it. The non-finite check then runs at the clean weights."""
+        self._smoothout_armed = True
+        self._smoothout_opened = False
+        failed = True
         try:
-            if not engine.is_perturbed:
-                engine.perturb(self.state.global_step, self.state.max_steps)
             loss = super().training_step(model, inputs, num_items_in_batch)
-            restore = last
+            failed = False
         finally:
-            if restore:
+            self._smoothout_armed = False
+            self._smoothout_samples_in_flight = 1
+            if last or failed:
                 engine.restore()
-        self._smoothout_check_loss(model, inputs, loss, engine.current_strength)
+            else:
+                engine.suspend()
+        if not self._smoothout_opened:
+            raise RuntimeError(
+                "SmoothOut: training_step ran without entering self.compute_loss_context_manager() or calling "
+                "self.compute_loss, so no noise was applied: SmoothOut opens its noise window there, right before "
+                "the loss's forward pass. Compute the loss inside `with self.compute_loss_context_manager():` in "
+                "your training_step override (as Trainer.training_step does)."
+            )
+        prepared, self._smoothout_loss_inputs = self._smoothout_loss_inputs, None
+        self._smoothout_check_loss(model, prepared, loss, engine.current_strength)
         return loss
 
+    def _smoothout_open_window(self) -> None:
+        """Put the noise in (perturb, or resume a suspended step-mode window) once per armed ``training_step``."""
+        engine = self.smoothout
+        if self._smoothout_opened or engine is None:
+            return
+        self._smoothout_opened = True
+        if engine.is_perturbed:
+            engine.resume()
+        else:
+            engine.perturb(self.state.global_step, self.state.max_steps)
+
+    def compute_loss_context_manager(self) -> Any:
+        """The parent's context for the loss computation; inside an armed ``training_step`` entering it opens the
+        noise window (so a ``compute_loss`` override that does not call ``super()`` still trains with noise)."""
+        inner = super().compute_loss_context_manager()
+        if not self._smoothout_armed:
+            return inner
+
+        @contextlib.contextmanager
+        def open_then_enter() -> Any:
+            self._smoothout_open_window()
+            with inner:
+                yield
+
+        return open_then_enter()
+
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`, and clean weights when it ends, also by an error between two micro-batches."""
+        """`Trainer.train`, and clean weights when it ends, also by an error between two micro-batches.
+
+        Under ``hyperparameter_search`` (a ``trial``), every trial trains with its own ``smoothout_*`` values from
+        a fresh noise position.
+        """
+        trial = kwargs.get("trial", args[1] if len(args) > 1 else None)
+        if trial is not None:
+            self._smoothout_start_trial()
         try:
             return super().train(*args, **kwargs)
         finally:
+            self._smoothout_armed = False
             if self.smoothout is not None and self.smoothout.is_perturbed:
                 self.smoothout.restore()
 
+    def _smoothout_start_trial(self) -> None:
+        """The next engine is built from the trial's settings (``hyperparameter_search`` sets them on ``args``
+        inside ``train``, before the first step) with no noise position carried over."""
+        if self.smoothout is not None:
+            self.smoothout.detach()
+            self.smoothout.close()
+            self.smoothout = None
+        self._smoothout_pending_state = None
+        self._smoothout_trial_pending = True
+
+    def _smoothout_trial_config(self) -> SmoothOutConfig:
+        """``smoothout_config`` with the ``smoothout_*`` values the trial changed on ``args`` since construction."""
+        if not isinstance(self.args, SmoothOutTrainingArguments):
+            return self.smoothout_config
+        now = self.args.to_smoothout_config().to_dict()
+        changed = {k: v for k, v in now.items() if self._smoothout_args_at_init.get(k) != v and k != "seed"}
+        config = dataclasses.replace(self.smoothout_config, **changed) if changed else self.smoothout_config
+        if changed:
+            logger.info(f"SmoothOut: this trial trains with {changed}.")
+        return config
+
     def _smoothout_check_loss(
-        self, model: nn.Module, inputs: dict[str, Any], loss: torch.Tensor, strength: float
+        self, model: nn.Module, inputs: dict[str, Any] | None, loss: torch.Tensor, strength: float
     ) -> None:
         """Refuse a non-finite loss at the noisy weights when the loss at the clean weights is finite.
 
         Checked every micro-batch when ``logging_nan_inf_filter`` is on (the Trainer reads the loss on the
         host then anyway, so this adds no synchronization), else at each new peak strength. The clean loss
-        is only computed (one extra forward, no gradient) when the noisy one is not finite.
+        is only computed (one extra forward, no gradient, at the clean weights: the window is closed or
+        suspended by then) when the noisy one is not finite.
         """
         every_step = bool(getattr(self.args, "logging_nan_inf_filter", True))
         if not every_step and strength <= _LOSS_CHECK_GROWTH * self._smoothout_loss_checked:
@@ -294,8 +385,11 @@ class SmoothOutMixin:
         if bool(torch.isfinite(loss.detach()).all()):
             self._smoothout_loss_checked = max(self._smoothout_loss_checked, strength)
             return
+        if inputs is None:
+            return
+        assert self.smoothout is None or not self.smoothout.is_noisy
         with torch.no_grad():
-            clean = self.compute_loss(model, self._prepare_inputs(inputs))
+            clean = self.compute_loss(model, inputs)
         if bool(torch.isfinite(clean.detach()).all()):
             raise NonFiniteNoiseError(
                 f"SmoothOut: the loss at the noisy weights is {loss.item()} while the clean loss is {clean.item():.4g} "
@@ -317,7 +411,11 @@ class SmoothOutMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        """The parent's loss, divided by the number of noisy copies while ``training_step`` runs them."""
+        """The parent's loss (opening the noise window first when `training_step` armed it), divided by the
+        number of noisy copies while ``training_step`` runs them."""
+        if self._smoothout_armed:
+            self._smoothout_loss_inputs = inputs  # prepared: the non-finite check recomputes the clean loss on them
+            self._smoothout_open_window()
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
@@ -329,6 +427,27 @@ class SmoothOutMixin:
             loss, outputs = result
             return loss / samples, outputs
         return result / samples
+
+    # ------------------------------------------------------------------ clean weights outside the window
+    def _smoothout_clean(self) -> Any:
+        """Clean weights for a consumer outside the loss (evaluation, prediction, saving): the engine suspends an
+        open window's noise around it (never needed from the Trainer's own loop: kept as a guarantee)."""
+        return self.smoothout.noise_suspended() if self.smoothout is not None else contextlib.nullcontext()
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """`Trainer.evaluate` at the clean weights."""
+        with self._smoothout_clean():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.predict` at the clean weights."""
+        with self._smoothout_clean():
+            return super().predict(*args, **kwargs)
+
+    def save_model(self, *args: Any, **kwargs: Any) -> None:
+        """`Trainer.save_model` of the clean weights."""
+        with self._smoothout_clean():
+            return super().save_model(*args, **kwargs)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
