@@ -12,10 +12,12 @@ from .arguments import SmoothOutTrainingArguments
 from .config import SmoothOutConfig
 from .engine import SmoothOut
 from .schedules import noise_coefficient
+from .search import STRENGTH_SEARCH_RANGES, smoothout_hp_space
 from .selection import select_parameters
 from .trainer import SmoothOutMixin, SmoothOutTrainer
 
 __all__ = [
+    "STRENGTH_SEARCH_RANGES",
     "SmoothOut",
     "SmoothOutConfig",
     "SmoothOutMixin",
@@ -23,6 +25,7 @@ __all__ = [
     "SmoothOutTrainingArguments",
     "noise_coefficient",
     "select_parameters",
+    "smoothout_hp_space",
 ]
 
 __version__ = "0.1.0"

@@ -313,7 +313,7 @@ class SmoothOut:
             adapters = adapter_parameter_ids(layers)
             self._selected = [s for s in self._selected if id(s.param) not in adapters]
             if config.enabled:
-                self._merged = MergedSpace(layers)
+                self._merged = MergedSpace(layers, root=model)
         if config.enabled and config.denoise:
             check_no_forward_writes(self._selected)
         sharded = [s for s in self._selected if is_dtensor(s.param)]

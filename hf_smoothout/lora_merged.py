@@ -211,6 +211,13 @@ def _merged_weight_(layer: MergedLayer, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _submodule(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _row_length(weight: torch.Tensor, row_axis: int) -> int:
     return weight.numel() // max(1, weight.shape[row_axis])
 
@@ -225,9 +232,11 @@ class MergedSpace:
         layers: from `find_lora_layers`.
     """
 
-    def __init__(self, layers: list[MergedLayer]) -> None:
+    def __init__(self, layers: list[MergedLayer], root: nn.Module | None = None) -> None:
         self.layers = layers
+        self.root = root  # the model the layers were found in: arming checks that they are still there
         self._armed: _Armed | None = None
+        self._trained: list[tuple[str, ...]] = []  # per layer: the adapters active when armed (the ones trained)
         self._scratch = _Scratch()
         self._checked: set[int] = set()
         for layer in layers:
@@ -286,8 +295,31 @@ class MergedSpace:
                     f"SmoothOut: the LoRA layer {layer.name!r} holds another base layer than when the engine was "
                     "built (space='lora_merged'). Build a new SmoothOut(model, config) after changing the model."
                 )
+            if self.root is not None and _submodule(self.root, layer.name) is not layer.module:
+                self.close()  # e.g. merge_and_unload(): no wrapper may stay on the standalone merged layers
+                raise RuntimeError(
+                    f"SmoothOut: the LoRA layer {layer.name!r} is no longer in the model (merge_and_unload(), "
+                    "unload() or a replaced module; space='lora_merged'). This engine's forward wrappers are now "
+                    "removed; build a new SmoothOut(model, config) to train the changed model."
+                )
+            if layer.weight.requires_grad:
+                raise RuntimeError(
+                    f"SmoothOut: the base weight of {layer.name!r} was unfrozen after the engine was built "
+                    "(space='lora_merged'); the merged space computes the input gradient only, so it would get no "
+                    "gradient. Freeze it again, or use space='trainable'."
+                )
+        self._trained = [tuple(layer.module.active_adapters) for layer in self.layers]
         self._checked.clear()
         self._armed = _Armed(adapt, distribution, strength, base_seed, rank, draw, check_finite)
+
+    def trains(self, layer: MergedLayer | None) -> bool:
+        """Whether ``layer`` now computes with the adapters that were active when the noise was armed (the ones
+        being trained): not with its adapters disabled (``disable_adapter()``, TRL's reference passes) or with
+        another adapter set active (a ``"ref"`` adapter)."""
+        if layer is None or self._armed is None:
+            return False
+        module = layer.module
+        return not module.disable_adapters and tuple(module.active_adapters) == self._trained[layer.index]
 
     def disarm(self) -> None:
         """Forward passes compute at the clean weights again (nothing to restore: no weight was written)."""
@@ -403,6 +435,8 @@ class _MergedForward:
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         armed = self.space._armed if self.space is not None else None
+        if armed is not None and not self.space.trains(self.layer):  # type: ignore[union-attr]
+            armed = None  # adapters disabled or another adapter active (a reference pass): no noise there
         if armed is None:
             if self.inner is not None:
                 return self.inner(x, *args, **kwargs)

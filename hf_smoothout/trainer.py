@@ -138,6 +138,7 @@ class SmoothOutMixin:
         self._smoothout_opened = False
         self._smoothout_loss_inputs: dict[str, Any] | None = None
         self._smoothout_trial_pending = False
+        self._smoothout_config_at_init = self.smoothout_config
         self._smoothout_args_at_init = (
             self.args.to_smoothout_config().to_dict() if isinstance(self.args, SmoothOutTrainingArguments) else {}
         )
@@ -156,11 +157,7 @@ class SmoothOutMixin:
         engine to temporary full weights.
         """
         reshard_(self._smoothout_fsdp_modules)
-        if self._smoothout_trial_pending:
-            self._smoothout_trial_pending = False
-            self.smoothout_config = self._smoothout_trial_config()
-            check_restore_mode(self.smoothout_config, self.args.world_size)
-            check_selection(self.model, self.smoothout_config)
+        self._smoothout_apply_trial()
         old = self.smoothout
         if old is None or old.model is not self.model or old.parameters_replaced:
             self._smoothout_fsdp_modules = fsdp_modules(self.model) if self.model is not None else []
@@ -234,6 +231,7 @@ class SmoothOutMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Forward + backward at ``samples`` fresh noisy copies of the weights; weights clean on return."""
+        self._smoothout_apply_trial()
         if not self.smoothout_config.enabled:
             return super().training_step(model, inputs, num_items_in_batch)
         engine = self.smoothout_engine()
@@ -358,13 +356,23 @@ class SmoothOutMixin:
         self._smoothout_pending_state = None
         self._smoothout_trial_pending = True
 
+    def _smoothout_apply_trial(self) -> None:
+        if not self._smoothout_trial_pending:
+            return
+        self._smoothout_trial_pending = False
+        self.smoothout_config = self._smoothout_trial_config()
+        if self.smoothout_config.enabled:
+            check_trainer_setup(self)
+            check_restore_mode(self.smoothout_config, self.args.world_size)
+            check_selection(self.model, self.smoothout_config)
+
     def _smoothout_trial_config(self) -> SmoothOutConfig:
         """``smoothout_config`` with the ``smoothout_*`` values the trial changed on ``args`` since construction."""
         if not isinstance(self.args, SmoothOutTrainingArguments):
             return self.smoothout_config
         now = self.args.to_smoothout_config().to_dict()
         changed = {k: v for k, v in now.items() if self._smoothout_args_at_init.get(k) != v and k != "seed"}
-        config = dataclasses.replace(self.smoothout_config, **changed) if changed else self.smoothout_config
+        config = dataclasses.replace(self._smoothout_config_at_init, **changed)
         if changed:
             logger.info(f"SmoothOut: this trial trains with {changed}.")
         return config
