@@ -1046,8 +1046,9 @@ class SmoothOut:
                 f"SmoothOut: {written!r} was written while the noise was in the weights (inside the forward or "
                 "backward pass): an optimizer step inside backward (a register_post_accumulate_grad_hook calling "
                 "optimizer.step(), LOMO-style), nn.Embedding(max_norm=...) renormalizing rows, or another in-place "
-                "update. Removing the noise would silently undo that write, so SmoothOut stops here; the weights "
-                "are back at their values before the noise (that write is lost). Step the optimizer after the "
+                "update. Removing the noise would silently undo or corrupt that write, so SmoothOut stops here, "
+                "the noise removed (with copy or swap the weights are back at their values before the noise and "
+                "that write is lost). Step the optimizer after the "
                 "backward pass, set the embedding's max_norm=None, or leave the parameter out with config.exclude."
             )
         return None
