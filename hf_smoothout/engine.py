@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters.deepspeed import deepspeed_engine_of, deepspeed_flattened, restore_before_step
 from .adapters.dtensor import dim0_shard_span, is_dtensor, local_tensor, row_split_groups, rows_are_local
 from .config import ROW_SCALED_MODES, SmoothOutConfig
 from .lora_merged import MergedSpace, adapter_parameter_ids, find_lora_layers
@@ -201,7 +202,7 @@ def check_no_forward_writes(selected: list[SelectedParameter]) -> None:
         ...     check_no_forward_writes(select_parameters(nn.Embedding(4, 2, max_norm=1.0), SmoothOutConfig()))
         ... except ValueError as err:
         ...     print(str(err)[:60])
-        SmoothOut: 'weight' belongs to nn.Embedding(max_norm=1.0), w
+        SmoothOut: 'weight' belongs to nn.Embedding(max_norm=1), who
     """
     for sel in selected:
         if isinstance(sel.module, nn.Embedding) and sel.module.max_norm is not None:
@@ -363,6 +364,10 @@ class SmoothOut:
         self._checked_strength = 0.0  # largest strength whose noisy weights were checked to be finite
         self._restore = "copy"  # config.restore with "auto" resolved, at every (re)allocation
         self._allocate()
+        self._step_guarded = False  # a DeepSpeed engine's step restores first (guard_deepspeed_step)
+        deepspeed = deepspeed_engine_of(model)
+        if deepspeed is not None and config.enabled:
+            self.guard_deepspeed_step(deepspeed)
         warn_if_implausible_strength(config, self.parameters)
 
     # ------------------------------------------------------------------ introspection
@@ -560,6 +565,28 @@ class SmoothOut:
         if enabled and self._uses_backup() and all_cpu and wanted and not row_blocks:
             self._prefetcher = NoisePrefetcher([slot.data for slot in self._slots])
 
+    def guard_deepspeed_step(self, deepspeed_engine: Any) -> None:
+        """Make ``deepspeed_engine.step()`` restore the clean weights first.
+
+        Under DeepSpeed, accelerate's ``accelerator.backward(loss)`` (and ``engine.backward`` + ``engine.step`` in a
+        plain DeepSpeed loop) runs the optimizer step inside the window; restoring after it would write the
+        pre-step weights back. Built on the DeepSpeed engine itself (what ``accelerator.prepare`` returned), the
+        engine installs this guard on its own; `SmoothOutTrainer` installs it too.
+        """
+        restore_before_step(deepspeed_engine, self.restore)
+        self._step_guarded = True
+
+    def _check_deepspeed_guard(self) -> None:
+        if self._step_guarded or not deepspeed_flattened([slot.param for slot in self._slots]):
+            return
+        raise RuntimeError(
+            "SmoothOut: the model's weights live in DeepSpeed's flat buffers (ZeRO-1/2), but this engine was built "
+            "on the inner module, so it cannot restore before DeepSpeed's optimizer step, which runs inside "
+            "accelerator.backward() / engine.step(): every update would be undone. Build SmoothOut on the model "
+            "accelerator.prepare (or deepspeed.initialize) returned, or call "
+            "smoothout.guard_deepspeed_step(deepspeed_engine) once after preparing."
+        )
+
     @property
     def parameters_replaced(self) -> bool:
         """Whether a selected parameter object was replaced in the model since this engine was built.
@@ -676,6 +703,7 @@ class SmoothOut:
             return strength
         with interrupts_deferred() as interrupt:  # Ctrl-C during perturb: restore, then raise it
             self._check_bindings()
+            self._check_deepspeed_guard()
             claim(self._claimed_parameters(), self)
             try:
                 self._perturb_claimed(strength)

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
-from .adapters.deepspeed import check_deepspeed, restore_before_step
+from .adapters.deepspeed import check_deepspeed
 from .adapters.dtensor import fsdp_modules, reshard_
 from .adapters.sharded_checkpoint import SHARDED_STATE_DIR, has_sharded_state, load_sharded_state, save_sharded_state
 from .arguments import SmoothOutTrainingArguments
@@ -193,12 +193,8 @@ class SmoothOutMixin:
         if getattr(self, "is_deepspeed_enabled", False):
             wrapper = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
             if wrapper is not None:  # exists once accelerate has prepared the model (inside train)
-                restore_before_step(wrapper.engine, self._smoothout_restore)
+                self.smoothout.guard_deepspeed_step(wrapper.engine)
         return self.smoothout
-
-    def _smoothout_restore(self) -> None:
-        if self.smoothout is not None:
-            self.smoothout.restore()
 
     def _smoothout_compute_dtype(self) -> torch.dtype | None:
         """The autocast dtype the forward really runs in (accelerate ignores fp16 on CPU), else ``None``."""

@@ -66,3 +66,20 @@ def test_zero3_is_refused_at_construction(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     with pytest.raises(AssertionError, match="does not support DeepSpeed ZeRO-3"):  # the launch exits non-zero
         run_launcher(launch(tmp_path, 3))
+
+
+@pytest.mark.parametrize("mode", ["prepared", "inner"])
+def test_the_plain_accelerate_loop_under_zero2_steps_on_clean_weights_or_refuses(tmp_path, monkeypatch, mode):
+    """The README's loop: built on what ``accelerator.prepare`` returned, the engine guards DeepSpeed's step (weights
+    move and equal the fp32 master every step); built on the inner module it refuses at the first perturb."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    script = Path(__file__).with_name("deepspeed_plain_loop.py")
+    run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  str(script), str(tmp_path), mode])  # fmt: skip
+    result = json.loads((tmp_path / f"plain_loop_{mode}.json").read_text())
+    assert result["world_size"] == 2
+    if mode == "prepared":
+        assert result["error"] is None and result["master_equal"] == [True] * 6
+        assert min(result["moved"]) > 1e-3
+    else:
+        assert "built on the inner module" in result["error"] and result["moved"] == []

@@ -101,7 +101,7 @@ def test_a_write_the_constructor_cannot_see_is_refused_at_restore():
     model = WithEmbedding(max_norm=None)
     engine = SmoothOut(model, SmoothOutConfig(strength=0.5, seed=0, restore="copy"))
     model.embed.max_norm = 0.1
-    with pytest.raises(RuntimeError, match="embed.weight"), engine.perturbed():
+    with pytest.raises(RuntimeError, match=r"embed\.weight"), engine.perturbed():
         model(torch.tensor([1, 2, 3])).backward()
 
 

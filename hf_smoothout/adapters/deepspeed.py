@@ -21,17 +21,21 @@ Example:
     True
     >>> engine.step(), calls
     ('stepped', ['restore'])
-    >>> restore_before_step(engine, lambda: calls.append("again"))  # wrapped once only
+    >>> restore_before_step(engine, lambda: calls.append("again"))  # wrapped once; the newest restore runs
     False
+    >>> engine.step(), calls
+    ('stepped', ['restore', 'again'])
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
 _WRAPPED = "_smoothout_restores_before_step"
+_RESTORE = "_smoothout_restore_before_step"
 
 
 def zero_stage(trainer: Any) -> int | None:
@@ -62,15 +66,42 @@ def check_deepspeed(trainer: Any, samples: int) -> None:
         )
 
 
+def deepspeed_engine_of(model: Any) -> Any | None:
+    """``model`` itself when it is a DeepSpeed engine (what ``deepspeed.initialize`` and accelerate's ``prepare``
+    return under DeepSpeed), found by class name so that nothing imports deepspeed; else ``None``."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return model if "DeepSpeedEngine" in names and callable(getattr(model, "step", None)) else None
+
+
+def deepspeed_flattened(params: list[Any]) -> bool:
+    """Whether DeepSpeed is initialized in this process and a parameter is a view into a larger (flat) buffer,
+    the layout ZeRO-1/2 gives the module's weights."""
+    ds = sys.modules.get("deepspeed")
+    comm = getattr(ds, "comm", None) if ds is not None else None
+    try:
+        initialized = bool(comm is not None and comm.is_initialized())
+    except Exception:  # an older or partial deepspeed: no claim
+        return False
+    if not initialized:
+        return False
+    for p in params:
+        data = getattr(p, "data", p)
+        if data.untyped_storage().nbytes() > data.numel() * data.element_size():
+            return True
+    return False
+
+
 def restore_before_step(engine: Any, restore: Callable[[], None]) -> bool:
-    """Make ``engine.step`` call ``restore()`` first; returns whether it wrapped (False if already wrapped)."""
+    """Make ``engine.step`` call ``restore()`` first; returns whether it wrapped (False if already wrapped, in
+    which case ``restore`` replaces the earlier callable: the newest SmoothOut engine restores)."""
+    setattr(engine, _RESTORE, restore)
     if getattr(engine, _WRAPPED, False):
         return False
     original = engine.step
 
     @functools.wraps(original)
     def step(*args: Any, **kwargs: Any) -> Any:
-        restore()  # DeepSpeed clips, steps and copies its master into the weights: they must be clean first
+        getattr(engine, _RESTORE)()  # DeepSpeed clips, steps and copies its master into the weights: clean first
         return original(*args, **kwargs)
 
     engine.step = step
