@@ -298,6 +298,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(args, f"LoRA {lora_args.describe()}: {trainable:,} trainable parameters")
     max_length = data_args.max_seq_length
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:
+        raise RecipeError(
+            f"--max_seq_length {max_length} exceeds the model's max_position_embeddings ({positions}): longer inputs "
+            f"have no position embedding. Pass --max_seq_length {positions} or less."
+        )
     if max_length > tokenizer.model_max_length:
         say(args, f"--max_seq_length {max_length} exceeds the model's {tokenizer.model_max_length}: using that.")
         max_length = tokenizer.model_max_length

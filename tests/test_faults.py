@@ -31,9 +31,20 @@ from hf_smoothout.modelcard import atomic_write_text
 from hf_smoothout.ownership import owner_of
 from hf_smoothout.trainer import STATE_FILE
 
-pytestmark = pytest.mark.usefixtures("draw_on_workers")
+pytestmark = pytest.mark.usefixtures("draw_on_workers", "python_sigint_handler")
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_THREAD = threading.main_thread().ident
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler for the test: a shell starts background jobs (``pytest &``) with SIGINT ignored,
+    and then no ``KeyboardInterrupt`` would ever be raised."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def big_model() -> nn.Module:

@@ -455,6 +455,9 @@ def error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         tmp_path / "unseen.csv", [{"sentence": "a b", "label": "meh"}, {"sentence": "c", "label": "pos"}]
     )
     no_text = write_csv(tmp_path / "no_text.csv", [{"review": "good", "label": 1}, {"review": "bad", "label": 0}])
+    scores = [{"sentence": f"w{i}", "label": 0.5 + i} for i in range(6)]
+    infinite = write_csv(tmp_path / "inf.csv", [*scores, {"sentence": "odd", "label": "inf"}])
+    one_class = write_csv(tmp_path / "one.csv", [{"sentence": f"w{i}", "label": 1} for i in range(8)])
     local = ["--train_file", str(train)]
     return {
         "unknown task": (["--task_name", "sst3"], "Unknown task 'sst3'"),
@@ -468,6 +471,16 @@ def error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "validation label unseen": (
             ["--train_file", str(text_labels), "--validation_file", str(unseen)],
             r"Labels \['meh'\] of the eval split never occur in the training split",
+        ),
+        "regression label not finite": (["--train_file", str(infinite)], r"not finite numbers \(e\.g\. inf\)"),
+        "one class": (["--train_file", str(one_class)], "a classifier needs at least two"),
+        "validation label unseen with a task": (
+            ["--task_name", "sst2", "--train_file", str(one_class), "--validation_file", str(train)],
+            "a classifier needs at least two",
+        ),
+        "longer than the position embeddings": (
+            [*local, "--max_seq_length", "100000"],
+            "exceeds the model's max_position_embeddings",
         ),
         "batch size zero": ([*local, "--per_device_train_batch_size", "0"], "per_device_train_batch_size must be a"),
         "accumulation zero": ([*local, "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be"),
@@ -499,6 +512,10 @@ ERROR_NAMES = [
     "label column missing",
     "label outside the task",
     "validation label unseen",
+    "regression label not finite",
+    "one class",
+    "validation label unseen with a task",
+    "longer than the position embeddings",
     "batch size zero",
     "accumulation zero",
     "scaling without reference",

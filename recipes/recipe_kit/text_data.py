@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,7 @@ def _label_plan(
     if task is not None and task.is_regression:
         if is_text:
             raise RecipeError(f"GLUE {task.title} is a regression task; its labels must be numbers, got text labels.")
+        _check_finite_targets(train_values, eval_values)
         return None, None
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
@@ -332,11 +334,18 @@ def _label_plan(
             names = [str(i) for i in range(top + 1)]
         mapping = {i: i for i in range(len(names))}  # 1.0 == 1: float labels map too
     elif task is None:
+        _check_finite_targets(train_values, eval_values)
         return None, None  # real-valued labels without a task: regression
     else:
         raise RecipeError(f"GLUE {task.title} expects class labels {task.label_names}, got real numbers.")
 
     seen = set(train_values)
+    if len(seen) < 2:
+        raise RecipeError(
+            f"The training split's labels hold {len(seen)} class(es) ({sorted(seen, key=str)[:3]}): a classifier needs "
+            "at least two (with one, every prediction is right and the accuracy means nothing). Check "
+            "--label_column and the data files."
+        )
     for split, values in {"train": train_values, **eval_values}.items():
         unknown = sorted({v for v in values if v not in mapping}, key=str)
         learned_from_data = task is None and not isinstance(feature, datasets.ClassLabel)
@@ -345,13 +354,24 @@ def _label_plan(
                 f"Labels {unknown[:10]} of the {split} split are outside the {len(names)} classes "
                 f"(ids 0..{len(names) - 1}: {names}). Check --label_column and --task_name."
             )
-        unseen = sorted({v for v in values if v not in seen}, key=str) if learned_from_data else []
+        unseen = sorted({v for v in values if v not in seen}, key=str)
         if split != "train" and unseen:
             raise RecipeError(
                 f"Labels {unseen[:10]} of the {split} split never occur in the training split; the classifier "
                 "could not learn them. Check the files, or use more training data (--max_train_samples)."
             )
     return names, mapping
+
+
+def _check_finite_targets(train_values: list[Any], eval_values: dict[str, list[Any]]) -> None:
+    """Regression targets must be finite numbers: one ``inf`` or ``nan`` trains the whole model to NaN."""
+    for split, values in {"train": train_values, **eval_values}.items():
+        bad = [v for v in values if not math.isfinite(float(v))]
+        if bad:
+            raise RecipeError(
+                f"{len(bad)} regression label(s) of the {split} split are not finite numbers (e.g. {bad[0]!r}); "
+                "training on them makes every weight NaN. Fix or drop those rows."
+            )
 
 
 def _with_label_ids(dataset: Any, column: str, mapping: dict[Any, int] | None, names: list[str] | None) -> Any:
