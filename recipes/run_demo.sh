@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: fine-tune MiniLM (its first 2 layers) on the offline Rotten Tomatoes sentences (the SST-2
 # stand-in) twice -- the plain baseline (--smoothout_strength 0) and SmoothOut, everything else identical --
-# then print the comparison table. Installs the offline data itself; about 14 CPU-minutes (see README for the
+# then print the comparison table. Installs the offline data itself; about 6 CPU-minutes (see README for the
 # measured wall time). Output is unbuffered, so progress shows up also when it goes to a file.
 #
 #   bash recipes/run_demo.sh                       # defaults below
