@@ -8,7 +8,7 @@ Example:
     ...     pass  # forward + backward here see the noisy weights
 """
 
-from .arguments import SmoothOutTrainingArguments
+from .arguments import SmoothOutArguments, SmoothOutTrainingArguments
 from .config import SmoothOutConfig
 from .engine import SmoothOut
 from .schedules import noise_coefficient
@@ -19,6 +19,7 @@ from .trainer import SmoothOutMixin, SmoothOutTrainer
 __all__ = [
     "STRENGTH_SEARCH_RANGES",
     "SmoothOut",
+    "SmoothOutArguments",
     "SmoothOutConfig",
     "SmoothOutMixin",
     "SmoothOutTrainer",

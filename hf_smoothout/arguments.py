@@ -1,4 +1,9 @@
-"""`TrainingArguments` with one ``smoothout_<field>`` per `SmoothOutConfig` field.
+"""The SmoothOut settings as ``smoothout_<field>`` dataclass fields, one per `SmoothOutConfig` field.
+
+`SmoothOutArguments` is a mixin: combine it with any ``TrainingArguments`` subclass (TRL's ``SFTConfig``,
+``DPOConfig``, ``GRPOConfig``, transformers' ``Seq2SeqTrainingArguments``) the way TRL composes its configs, and
+every ``--smoothout_*`` flag exists for ``HfArgumentParser`` and ``TrlParser``. `SmoothOutTrainingArguments` is
+that mixin on plain ``TrainingArguments``.
 
 Example:
     >>> from transformers import HfArgumentParser
@@ -6,6 +11,14 @@ Example:
     ...     ["--output_dir", "out", "--smoothout_strength", "0.02", "--smoothout_adapt", "none"])
     >>> args.to_smoothout_config().adapt
     'none'
+
+    With TRL (the mixin first, so its fields come last and every field keeps a default):
+
+    >>> from dataclasses import dataclass
+    >>> from trl import SFTConfig                                       # doctest: +SKIP
+    >>> @dataclass                                                       # doctest: +SKIP
+    ... class SmoothOutSFTConfig(SmoothOutArguments, SFTConfig):
+    ...     pass
 """
 
 from __future__ import annotations
@@ -21,8 +34,8 @@ PREFIX = "smoothout_"
 
 
 @dataclass
-class SmoothOutTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the SmoothOut settings (validated at construction).
+class SmoothOutArguments:
+    """The ``smoothout_*`` fields, validated at construction; mix into any ``TrainingArguments`` subclass.
 
     ``smoothout_seed`` defaults to the run's ``seed``.
     """
@@ -119,12 +132,24 @@ class SmoothOutTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
         self.to_smoothout_config()  # validate early, with the config's own messages
 
     def to_smoothout_config(self) -> SmoothOutConfig:
-        """The `SmoothOutConfig` these arguments describe (``seed`` falls back to ``self.seed``)."""
+        """The `SmoothOutConfig` these arguments describe (``seed`` falls back to the run's ``seed``)."""
         values = {name: getattr(self, PREFIX + name) for name in SmoothOutConfig.field_names()}
         if values["seed"] is None:
-            values["seed"] = self.seed
+            values["seed"] = getattr(self, "seed", None)
         return SmoothOutConfig(**values)
+
+
+@dataclass
+class SmoothOutTrainingArguments(SmoothOutArguments, TrainingArguments):
+    """`TrainingArguments` plus the SmoothOut settings (validated at construction).
+
+    Example:
+        >>> SmoothOutTrainingArguments("out", smoothout_strength=0.05).to_smoothout_config().strength
+        0.05
+    """

@@ -33,7 +33,7 @@ from transformers.utils import logging
 from .adapters.deepspeed import check_deepspeed
 from .adapters.dtensor import fsdp_modules, reshard_
 from .adapters.sharded_checkpoint import SHARDED_STATE_DIR, has_sharded_state, load_sharded_state, save_sharded_state
-from .arguments import SmoothOutTrainingArguments
+from .arguments import SmoothOutArguments
 from .compat import check_trainer_setup, warn_if_below_resolution
 from .config import SmoothOutConfig
 from .engine import NonFiniteNoiseError, SmoothOut, check_restore_mode, validate_state
@@ -78,12 +78,13 @@ def check_selection(model: nn.Module | None, config: SmoothOutConfig) -> None:
 
 
 def resolve_smoothout_config(args: Any, smoothout_config: SmoothOutConfig | None) -> SmoothOutConfig:
-    """The config to use: explicit ``smoothout_config``, else the one in ``SmoothOutTrainingArguments``, else
+    """The config to use: explicit ``smoothout_config``, else the one in the ``smoothout_*`` fields of ``args``
+    (`SmoothOutArguments`: ``SmoothOutTrainingArguments`` or a config class combined with it), else
     the defaults; the noise seed falls back to ``args.seed``.
 
     Raises ``ValueError`` when both name different settings.
     """
-    from_args = args.to_smoothout_config() if isinstance(args, SmoothOutTrainingArguments) else None
+    from_args = args.to_smoothout_config() if isinstance(args, SmoothOutArguments) else None
     if smoothout_config is None:
         config = from_args if from_args is not None else SmoothOutConfig()
     else:
@@ -94,7 +95,7 @@ def resolve_smoothout_config(args: Any, smoothout_config: SmoothOutConfig | None
             explicit = dataclasses.replace(config, seed=config.seed if config.seed is not None else args.seed)
             if explicit.to_dict() != from_args.to_dict():
                 raise ValueError(
-                    "Both smoothout_config and SmoothOutTrainingArguments' smoothout_* fields were given and they "
+                    "Both smoothout_config and the arguments' smoothout_* fields were given and they "
                     f"differ ({explicit.to_dict()} vs {from_args.to_dict()}). Pass only one of them."
                 )
     if config.seed is None:
@@ -102,10 +103,32 @@ def resolve_smoothout_config(args: Any, smoothout_config: SmoothOutConfig | None
     return config
 
 
+def log_settings_source(args: Any, explicit: SmoothOutConfig | None, config: SmoothOutConfig) -> str:
+    """Say where the SmoothOut settings came from (and warn when an arguments class without ``smoothout_*``
+    fields left them at their defaults); returns the message."""
+    if explicit is not None:
+        message = f"SmoothOut settings from smoothout_config=: {config.to_dict()}"
+    elif isinstance(args, SmoothOutArguments):
+        message = f"SmoothOut settings from the {type(args).__name__} smoothout_* fields: {config.to_dict()}"
+    else:
+        message = (
+            f"SmoothOut runs at its default settings (strength {config.strength:g}, adapt={config.adapt!r}): "
+            f"{type(args).__name__} has no smoothout_* fields and no smoothout_config= was given, so "
+            "--smoothout_* flags cannot reach it. Pass smoothout_config=SmoothOutConfig(...), or combine your "
+            "arguments class with hf_smoothout.SmoothOutArguments (@dataclass class MyConfig(SmoothOutArguments, "
+            f"{type(args).__name__}))."
+        )
+        logger.warning(message)
+        return message
+    logger.info(message)
+    return message
+
+
 class SmoothOutMixin:
     """Adds SmoothOut to any `transformers.Trainer` subclass; put it first in the bases.
 
-    Accepts ``smoothout_config=`` as a keyword; otherwise reads ``SmoothOutTrainingArguments``.
+    Accepts ``smoothout_config=`` as a keyword; otherwise reads the ``smoothout_*`` fields of ``args``
+    (`SmoothOutArguments`, combinable with any ``TrainingArguments`` subclass).
 
     Example:
         >>> from transformers import Seq2SeqTrainer
@@ -116,6 +139,7 @@ class SmoothOutMixin:
     def __init__(self, *args: Any, smoothout_config: SmoothOutConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.smoothout_config = resolve_smoothout_config(self.args, smoothout_config)
+        log_settings_source(self.args, smoothout_config, self.smoothout_config)
         if self.smoothout_config.enabled:
             check_trainer_setup(self)
             if getattr(self, "is_deepspeed_enabled", False):
@@ -140,7 +164,7 @@ class SmoothOutMixin:
         self._smoothout_trial_pending = False
         self._smoothout_config_at_init = self.smoothout_config
         self._smoothout_args_at_init = (
-            self.args.to_smoothout_config().to_dict() if isinstance(self.args, SmoothOutTrainingArguments) else {}
+            self.args.to_smoothout_config().to_dict() if isinstance(self.args, SmoothOutArguments) else {}
         )
         # Buffers and plausibility warnings now, not at the first step; except under accelerate's FSDP plugin,
         # which shards the model only inside train (now it may be whole on every rank, or on the meta device).
@@ -364,7 +388,7 @@ class SmoothOutMixin:
 
     def _smoothout_trial_config(self) -> SmoothOutConfig:
         """``smoothout_config`` with the ``smoothout_*`` values the trial changed on ``args`` since construction."""
-        if not isinstance(self.args, SmoothOutTrainingArguments):
+        if not isinstance(self.args, SmoothOutArguments):
             return self.smoothout_config
         now = self.args.to_smoothout_config().to_dict()
         changed = {k: v for k, v in now.items() if self._smoothout_args_at_init.get(k) != v and k != "seed"}

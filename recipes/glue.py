@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_kit.arguments import RunOptions, recipe_parser
+from recipe_kit.arguments import RunOptions, pin_memory_only_where_it_helps, recipe_parser
 from recipe_kit.batching import plan_from_arguments
 from recipe_kit.errors import RecipeError, run_cli
 from recipe_kit.lora import LoraArguments, apply_lora
@@ -116,6 +116,7 @@ def parse_args(
     """Parse the command line (or ``argv``) into the four argument dataclasses."""
     parser = recipe_parser((ModelArguments, DataArguments, LoraArguments, SmoothOutTrainingArguments), __doc__ or "")
     model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    pin_memory_only_where_it_helps(training_args, argv)
     return model_args, data_args, lora_args, training_args
 
 

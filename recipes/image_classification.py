@@ -40,7 +40,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recipe_kit import mlp  # noqa: F401  (registers --model_type bn_mlp)
-from recipe_kit.arguments import RunOptions, default_eval_batch_size, given_on_command_line, recipe_parser
+from recipe_kit.arguments import (
+    RunOptions,
+    default_eval_batch_size,
+    given_on_command_line,
+    pin_memory_only_where_it_helps,
+    recipe_parser,
+)
 from recipe_kit.batching import plan_from_arguments
 from recipe_kit.errors import RecipeError, run_cli
 from recipe_kit.image_data import (
@@ -126,6 +132,7 @@ def parse_args(
     """Parse the command line (or ``argv``) into the four argument dataclasses."""
     parser = recipe_parser((ModelArguments, DataArguments, ProtocolOptions, SmoothOutTrainingArguments), __doc__ or "")
     model_args, data_args, protocol, training_args = parser.parse_args_into_dataclasses(args=argv)
+    pin_memory_only_where_it_helps(training_args, argv)
     return model_args, data_args, protocol, training_args
 
 

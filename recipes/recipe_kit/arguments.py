@@ -122,6 +122,24 @@ def given_on_command_line(argv: list[str] | None, name: str) -> bool:
     return any(arg.split("=", 1)[0] in spellings for arg in args)
 
 
+def pin_memory_only_where_it_helps(training_args: Any, argv: list[str] | None) -> None:
+    """Turn the Trainer's default ``dataloader_pin_memory=True`` off when no CUDA device is there (pinning only
+    helps host-to-GPU copies, and torch warns about it on the CPU); an explicit ``--dataloader_pin_memory`` wins.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> args = SimpleNamespace(dataloader_pin_memory=True, use_cpu=True)
+        >>> pin_memory_only_where_it_helps(args, []); args.dataloader_pin_memory
+        False
+    """
+    import torch
+
+    if given_on_command_line(argv, "dataloader_pin_memory"):
+        return
+    if getattr(training_args, "use_cpu", False) or not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False
+
+
 SMALL_IMAGE_PIXELS = 64 * 64
 SMALL_IMAGE_EVAL_BATCH = 1024
 
