@@ -87,8 +87,12 @@ def trainer_case(restore: str) -> dict[str, object]:
     clean = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = SmoothOutTrainer(
         model,
-        training_args(Path(os.environ.get("TMPDIR", "/tmp")) / f"golden-{restore}", gradient_accumulation_steps=2,
-                      per_device_train_batch_size=4, max_steps=4),  # fmt: skip
+        training_args(
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"golden-{restore}",
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=4,
+            max_steps=4,
+        ),
         train_dataset=make_classification_data(),
         smoothout_config=SmoothOutConfig(strength=0.2, seed=5, restore=restore),
     )
@@ -147,3 +151,16 @@ def test_the_noisy_weights_of_the_first_draws_match_the_golden_hashes(case, gold
 @pytest.mark.parametrize("restore", ["copy", "swap"])
 def test_a_short_trainer_run_with_accumulation_ends_at_the_golden_weights(restore, golden):
     check(f"trainer/{restore}", trainer_case(restore), golden)
+
+
+@pytest.mark.parametrize("adapt", LAWS)
+def test_the_merged_space_noise_matches_the_golden_hashes(adapt, golden):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(99)
+    base = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights="gaussian"))
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, adapt=adapt, space="lora_merged", seed=11))
+    with engine.perturbed(step=0):
+        noisy = engine.merged_space.noisy_weights()
+    clean = {layer.name: layer.weight.detach().clone() for layer in engine.merged_space.layers}
+    check(f"merged/{adapt}", fingerprint(noisy, clean), golden)
