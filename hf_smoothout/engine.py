@@ -66,7 +66,7 @@ from .ownership import claim, release
 from .prefetch import NoisePrefetcher
 from .restore_choice import EXACT_RESTORES, resolve_restore
 from .schedules import noise_coefficient
-from .seeding import derive_seed, draw_row_blocks_, seeded_generator
+from .seeding import ENGINE_STREAMS, ROW_BLOCK_STREAMS, derive_seed, draw_row_blocks_, seeded_generator
 from .selection import SelectedParameter, select_parameters
 from .threads import StreamRunner, interrupts_deferred
 
@@ -101,8 +101,6 @@ _AUTO_PREFETCH_ELEMENTS = 1 << 24
 # exceeds this factor times the last checked one (a handful of checks per run, whatever the schedule).
 _FINITE_CHECK_GROWTH = 2.0
 _SEED_LIMIT = 2**64
-# Stream ids of FSDP2 row-block draws start here (plus the parameter's index), apart from the rank streams.
-_ROW_BLOCK_STREAMS = 1 << 40
 
 
 @dataclass
@@ -780,7 +778,7 @@ class SmoothOut:
             )
 
     def _seed_stream(self, stream: _Stream) -> None:
-        seed = derive_seed(self.base_seed, self._noise_rank, stream.stream_id, self._draws)
+        seed = derive_seed(self.base_seed, self._noise_rank, ENGINE_STREAMS.id(stream.stream_id), self._draws)
         torch_generator = stream.generator if isinstance(stream.generator, torch.Generator) else None
         stream.generator = seeded_generator(
             seed, stream.device, stream.dtype, self.config.distribution, torch_generator
@@ -798,7 +796,7 @@ class SmoothOut:
                 continue
             if stream.block_generator is None:
                 stream.block_generator = torch.Generator(device=stream.device)
-            seed = derive_seed(self.base_seed, 0, _ROW_BLOCK_STREAMS + slot.index, self._draws)
+            seed = derive_seed(self.base_seed, 0, ROW_BLOCK_STREAMS.id(slot.index), self._draws)
             draw_row_blocks_(
                 self._noisy(slot),
                 slot.span,
@@ -828,7 +826,7 @@ class SmoothOut:
 
         def fill(buffers: list[torch.Tensor]) -> None:
             for stream, positions in streams:
-                seed = derive_seed(base_seed, rank, stream.stream_id, draw)
+                seed = derive_seed(base_seed, rank, ENGINE_STREAMS.id(stream.stream_id), draw)
                 own = self._prefetch_generators.setdefault(stream.stream_id, torch.Generator(device=stream.device))
                 generator = seeded_generator(seed, stream.device, stream.dtype, distribution, own)
                 for position in positions:

@@ -43,10 +43,7 @@ from torch import nn
 
 from .adapters.dtensor import is_dtensor
 from .noise import ROW_NORM_EPS, NonFiniteNoiseError, draw_, row_norms_
-from .seeding import derive_seed, seeded_generator
-
-MERGED_STREAM_OFFSET = 1 << 32
-"""Stream ids of merged-space layers start here (index in model order added), apart from the engine's own."""
+from .seeding import MERGED_LAYER_STREAMS, derive_seed, seeded_generator
 
 _QUANTIZED_MODULES = ("bnb", "gptq", "awq", "hqq", "eetq", "torchao", "aqlm", "inc")
 _ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -341,7 +338,7 @@ class MergedSpace:
     # ------------------------------------------------------------------ the noisy weight
     def _draw(self, layer: MergedLayer, armed: _Armed, like: torch.Tensor) -> torch.Tensor:
         u = self._scratch.get("draw", like, torch.float32)
-        seed = derive_seed(armed.base_seed, armed.rank, MERGED_STREAM_OFFSET + layer.index, armed.draw)
+        seed = derive_seed(armed.base_seed, armed.rank, MERGED_LAYER_STREAMS.id(layer.index), armed.draw)
         generator = seeded_generator(seed, u.device, u.dtype, armed.distribution, self._scratch.generator(u.device))
         return draw_(u, armed.distribution, generator)
 

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +22,37 @@ import torch
 from .noise import NUMPY_DTYPES
 
 _MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class StreamRange:
+    """A namespace of noise-stream ids: ids ``start .. start + size - 1``, one per index of what it names.
+
+    Every stream id any draw is seeded with comes from one of the ranges in `STREAM_RANGES`, which never overlap
+    (two users of one id would draw the same numbers: a silent correlation).
+
+    Example:
+        >>> ROW_BLOCK_STREAMS.id(3) - ROW_BLOCK_STREAMS.start
+        3
+    """
+
+    name: str
+    start: int
+    size: int
+
+    def id(self, index: int) -> int:
+        if not 0 <= index < self.size:
+            raise ValueError(f"Noise stream index {index} outside the {self.name!r} range (0..{self.size - 1}).")
+        return self.start + index
+
+
+ENGINE_STREAMS = StreamRange("engine", 0, 1 << 32)
+"""The engine's streams: one per balanced part of a (device, dtype) group of parameters, in build order."""
+MERGED_LAYER_STREAMS = StreamRange("lora_merged", 1 << 32, (1 << 40) - (1 << 32))
+"""``space="lora_merged"``: one stream per LoRA layer, by its index in model order."""
+ROW_BLOCK_STREAMS = StreamRange("row_blocks", 1 << 40, 1 << 40)
+"""FSDP2 dim-0 shards: global row blocks of a parameter (by its index among the selected), seeded without rank."""
+STREAM_RANGES = (ENGINE_STREAMS, MERGED_LAYER_STREAMS, ROW_BLOCK_STREAMS)
 
 
 def _splitmix64(x: int) -> int:

@@ -222,3 +222,16 @@ def test_grouped_filter_scales_equal_one_tensor_at_a_time():
         for w, u, axis, scale in zip(weights, draws, axes, grouped, strict=True):
             one = filter_scale_(w, u, 0.03, axis, row_norm_buffers(w, axis), normalize=normalize)
             assert torch.equal(scale, one)
+
+
+def test_the_stream_id_ranges_never_overlap_and_refuse_indices_outside_them():
+    import itertools
+
+    from hf_smoothout.seeding import ENGINE_STREAMS, STREAM_RANGES
+
+    spans = sorted((r.start, r.start + r.size, r.name) for r in STREAM_RANGES)
+    for (_, end, name), (start, _, other) in itertools.pairwise(spans):
+        assert end <= start, f"{name} overlaps {other}"
+    assert spans[0][0] == 0 and spans[-1][1] <= 2**63
+    with pytest.raises(ValueError, match="outside the 'engine' range"):
+        ENGINE_STREAMS.id(ENGINE_STREAMS.size)
