@@ -1180,6 +1180,44 @@ def paired_sections(study: GhostStudyArguments, cells: dict[str, list[dict[str, 
         if arm.scale == "large" and name != "ghost" and (row := interval_row(name, "ghost", 1)) is not None
     ]
     lines += markdown_table(header, rows).splitlines() if rows else ["(no pairs yet)"]
+    lines += [
+        "",
+        "## Gaussian minus uniform noise (same law and strength, paired by seed; test accuracy points)",
+        "",
+    ]
+    rows = [
+        row
+        for gaussian, uniform in (("ada_gaussian", "adasmoothout"), ("so_gaussian", "smoothout"))
+        if (row := interval_row(gaussian, uniform, 1)) is not None
+    ]
+    lines += markdown_table(header, rows).splitlines() if rows else ["(no pairs yet)"]
+    lines += ["", "## Share of the large-batch gap recovered ((arm - ghost) / (small baseline - ghost), per seed)", ""]
+    rows = []
+    ghost, small = by_seed("ghost"), by_seed("small_baseline")
+    for name, arm in ARMS.items():
+        ours = by_seed(name)
+        seeds = [sd for sd in study.seeds if sd in ours and sd in ghost and sd in small and small[sd] != ghost[sd]]
+        if arm.scale != "large" or name in ("ghost", "naive") or not seeds:
+            continue
+        shares = [(ours[sd] - ghost[sd]) / (small[sd] - ghost[sd]) for sd in seeds]
+        overall = statistics.mean(ours[sd] - ghost[sd] for sd in seeds) / statistics.mean(
+            small[sd] - ghost[sd] for sd in seeds
+        )
+        rows.append([name, str(len(seeds)), f"{100 * overall:.0f} %", ", ".join(f"{100 * x:.0f} %" for x in shares)])
+    header_share = ["arm", "seeds", "of the mean gap", "per seed"]
+    lines += markdown_table(header_share, rows).splitlines() if rows else ["(no pairs yet)"]
+    engines = sorted({(r["seed"], r.get("engine_commit") or "ea41c57") for cell in cells.values() for r in cell})
+    by_engine: dict[str, list[int]] = {}
+    for seed, engine in engines:
+        by_engine.setdefault(engine, [])
+        if seed not in by_engine[engine]:
+            by_engine[engine].append(seed)
+    lines += [
+        "",
+        "Engines (noise law identical; CPU uniform draws on 2^24 levels in ea41c57, other realizations later): "
+        + "; ".join(f"{engine}: seeds {sorted(seeds)}" for engine, seeds in sorted(by_engine.items()))
+        + " (runs without a recorded engine_commit are from ea41c57).",
+    ]
     lines += ["", f"Small batch {study.small_batch}: arm minus small-batch baseline (same form):", ""]
     rows = [
         row
@@ -1210,7 +1248,11 @@ def interpolation_section(
         keys = [next((r["key"] for r in cells.get(arm, []) if r["seed"] == seed), None) for arm in (first, second)]
         if None in keys:
             continue
-        models = [load_keskar(out / "models" / f"{key}.safetensors", study.hidden, study.depth) for key in keys]
+        files = [out / "models" / f"{key}.safetensors" for key in keys]
+        if not all(f.is_file() for f in files):
+            lines.append(f"- `{name}`: the models of seed {seed} are not in this output folder (kept: `plots/{name}/`)")
+            continue
+        models = [load_keskar(f, study.hidden, study.depth) for f in files]
         paths = interpolate_models(*models, data, out / "plots" / name, second_split="test")
         lines.append(f"- `{name}`: {keys[0]} -> {keys[1]}: `{paths['png'].relative_to(out)}`")
     return lines
@@ -1229,8 +1271,11 @@ def sharpness_notes(study: GhostStudyArguments, cells: dict[str, list[dict[str, 
     reference = cells.get("ghost") or next(iter(cells.values()), None)
     if not reference:
         return lines
-    record = reference[0]
-    model = load_keskar(Path(study.output_dir) / "models" / f"{record['key']}.safetensors", study.hidden, study.depth)
+    models = Path(study.output_dir) / "models"
+    record = next((r for r in reference if (models / f"{r['key']}.safetensors").is_file()), None)
+    if record is None:
+        return [*lines, "", "(No final model of the reference cell in this output folder: box comparison skipped.)"]
+    model = load_keskar(models / f"{record['key']}.safetensors", study.hidden, study.depth)
     box = subspace_box_comparison(model, study.subspace_dim, study.sharpness_epsilon)
     lines += [
         "",
