@@ -690,16 +690,21 @@ def _reproduce_section(info: Mapping[str, Any]) -> str:
 
 
 def _versions_section() -> str:
-    import datasets
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import transformers
 
     from . import __version__
 
+    try:
+        datasets_line = f"- Datasets {version('datasets')}\n"
+    except PackageNotFoundError:  # not installed: the run used none
+        datasets_line = ""
     return (
         "\n### Framework versions\n\n"
         f"- hf-smoothout {__version__}\n- Transformers {transformers.__version__}\n"
-        f"- PyTorch {torch.__version__}\n- Datasets {datasets.__version__}\n"
+        f"- PyTorch {torch.__version__}\n{datasets_line}"
     )
 
 

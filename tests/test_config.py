@@ -53,3 +53,16 @@ def test_single_pattern_string_is_accepted_and_to_dict_is_plain():
 def test_zero_strength_is_disabled():
     assert not SmoothOutConfig(strength=0).enabled
     assert SmoothOutConfig(strength=1e-4).enabled
+
+
+def test_importing_the_package_loads_the_engine_without_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hf_smoothout; "
+        "assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules, 'eager import'; "
+        "hf_smoothout.SmoothOutTrainer; assert 'transformers' in sys.modules; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

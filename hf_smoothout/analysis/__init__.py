@@ -36,6 +36,7 @@ Example:
     0.06
 """
 
+from . import _dependencies  # noqa: F401  (first: a clear error when scipy or matplotlib is missing)
 from .callback import SharpnessCallback
 from .data import model_dataloader
 from .directions import filter_normalized_direction
