@@ -528,6 +528,8 @@ class SmoothOutMixin:
         # The model is loaded together with the optimizer in _load_optimizer_and_scheduler (it exists by then).
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and not self._smoothout_sharded_at_load():
+            check_not_only_sharded(checkpoint)
         if checkpoint is None or not self._smoothout_sharded_at_load():
             return super()._load_optimizer_and_scheduler(checkpoint)
         load_sharded_state(self.model, self.optimizer, self.lr_scheduler, checkpoint)
@@ -559,7 +561,16 @@ class SmoothOutMixin:
             return
         state = read_state_file(path)
         saved_world = state.get("world_size")
-        if isinstance(saved_world, int) and saved_world != world and rank == 0:
+        sharded = bool(self._smoothout_fsdp_modules) or self._smoothout_sharded_at_load()
+        if isinstance(saved_world, int) and saved_world != world and rank == 0 and sharded:
+            warnings.warn(
+                f"SmoothOut: the checkpoint was written by {saved_world} process(es) and is resumed by {world}. Under "
+                "FSDP2 the noise is one global sample per micro-batch, drawn per block of global rows from seeds "
+                "without the rank, so it continues exactly as with the old shard count.",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif isinstance(saved_world, int) and saved_world != world and rank == 0:
             warnings.warn(
                 f"SmoothOut: the checkpoint was written by {saved_world} process(es) and is resumed by {world}. Each "
                 "rank continues its own noise sequence (noise depends on seed, rank and draw count)"
@@ -583,6 +594,22 @@ class SmoothOutMixin:
             engine.load_state_dict(state)
         except ValueError as err:
             raise ValueError(f"{path}: {err} {_BAD_STATE_ADVICE}") from err
+
+
+def check_not_only_sharded(checkpoint: str) -> None:
+    """Refuse to resume an unsharded model from a checkpoint whose optimizer and scheduler exist only in its sharded
+    state (an FSDP2 run sharded at load, ``save_only_model=True``): the Trainer would restart both silently."""
+    from transformers.trainer import OPTIMIZER_NAME
+
+    if has_sharded_state(checkpoint) and not os.path.isfile(os.path.join(checkpoint, OPTIMIZER_NAME)):
+        raise ValueError(
+            f"{checkpoint} was written by an FSDP2 run sharded at load (DistributedConfig): its optimizer and "
+            f"learning-rate schedule exist only in the sharded state ({SHARDED_STATE_DIR}/), and this run's model is "
+            "not sharded (one process, or fsdp_size=1), so resuming would silently restart both. Resume with the "
+            "model sharded again (from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N)) under "
+            "torchrun, any N > 1), or start from the saved weights with a fresh optimizer: "
+            "from_pretrained(checkpoint) without resume_from_checkpoint."
+        )
 
 
 _BAD_STATE_ADVICE = (

@@ -107,6 +107,7 @@ class ShardRestoreCheck(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self.unsharded_at_step_begin.append(not all(is_dtensor(p) for p in model.parameters()))
+        reshard_(fsdp_modules(model))  # an evaluation pass may have left temporary (under bf16: 16-bit) full weights
         self.start = full_weights(model)
         self.clean_at_step.append(full(self.watched.weight).detach().clone())
 

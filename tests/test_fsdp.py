@@ -147,6 +147,13 @@ def test_fsdp2_resume_from_a_checkpoint_is_bit_exact(tmp_path, monkeypatch, rout
     assert result["steps"] == [6, 6] and result["draws"] == [6, 6]
     assert result["trained"]
     assert result["resumed_equals_uninterrupted"], result["max_difference"]
+    if route == "transformers":  # one process cannot continue the sharded optimizer and schedule: a clear stop
+        fewer = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                 str(script.with_name("fsdp_resume_fewer.py")), *cmd[cmd.index("--use_cpu"):]]  # fmt: skip
+        run_launcher(fewer)
+        stopped = json.loads((tmp_path / "fsdp_resume_fewer.json").read_text())
+        assert stopped["world_size"] == 1 and stopped["learning_rates"] == []
+        assert "would silently restart both" in stopped["error"]
 
 
 @pytest.mark.multiprocess
