@@ -29,6 +29,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from .config import SmoothOutConfig
+from .laws import list_noise_laws
 
 PREFIX = "smoothout_"
 
@@ -47,11 +48,13 @@ class SmoothOutArguments:
             "U(-a, a); adapt=weight: a*w*U(-1, 1). 0 disables SmoothOut (plain training)."
         },
     )
-    smoothout_adapt: Literal["filter", "filter_std", "none", "weight"] = field(
+    smoothout_adapt: str = field(
         default="filter",
         metadata={
-            "help": "Noise scaling: filter (AdaSmoothOut, per output row/filter), filter_std (per row, "
-            "a*||w_row||/sqrt(n)*u: Flat-LoRA's law with gaussian), none (plain box), weight."
+            "help": "Noise scaling (a law registered in hf_smoothout.laws): filter (AdaSmoothOut, per output "
+            "row/filter), filter_std (per row, a*||w_row||/sqrt(n)*u: Flat-LoRA's law with gaussian), none (plain "
+            "box), weight.",
+            "choices": list_noise_laws(),
         },
     )
     smoothout_distribution: Literal["uniform", "gaussian"] = field(

@@ -15,16 +15,18 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-ADAPT_MODES = ("filter", "filter_std", "none", "weight")
+from .laws import get_noise_law, list_noise_laws
+
+ADAPT_MODES = tuple(list_noise_laws())
 DISTRIBUTIONS = ("uniform", "gaussian")
 SCHEDULES = ("constant", "anneal", "tanh", "cosine")
 RESTORE_MODES = ("auto", "copy", "regenerate", "swap")
 NOISE_EVERY = ("micro_batch", "step")
 SPACES = ("trainable", "lora_merged")
 PREFETCH_MODES = ("auto", "always", "never")
-ROW_SCALED_MODES = ("filter", "filter_std")
+ROW_SCALED_MODES = tuple(name for name in ADAPT_MODES if get_noise_law(name).row_scaled)
 
-Adapt = Literal["filter", "filter_std", "none", "weight"]
+Adapt = str  # a name in hf_smoothout.laws.NOISE_LAWS
 Distribution = Literal["uniform", "gaussian"]
 Schedule = Literal["constant", "anneal", "tanh", "cosine"]
 Restore = Literal["auto", "copy", "regenerate", "swap"]

@@ -49,15 +49,13 @@ from torch import nn
 
 from .adapters.deepspeed import deepspeed_engine_of, deepspeed_flattened, restore_before_step
 from .adapters.dtensor import dim0_shard_span, is_dtensor, local_tensor, row_split_groups, rows_are_local
-from .config import ROW_SCALED_MODES, SmoothOutConfig
+from .config import SmoothOutConfig
+from .laws import get_noise_law
 from .lora_merged import MergedSpace, adapter_parameter_ids, find_lora_layers
 from .noise import (
     ROW_NORM_EPS,
     NonFiniteNoiseError,
-    add_noise_,
     draw_,
-    filter_scales_,
-    remove_noise_,
     row_length,
     row_norm_buffers,
     typical_relative_noise,
@@ -236,7 +234,7 @@ def warn_if_implausible_strength(config: SmoothOutConfig, params: list[torch.Ten
     """
     if not config.enabled or not params:
         return False
-    if config.adapt in (*ROW_SCALED_MODES, "weight"):
+    if get_noise_law(config.adapt).relative:
         implausible, what = config.strength > 1.0, f"strength {config.strength:g} > 1 with adapt={config.adapt!r}"
     else:
         relative = typical_relative_noise(config, params)
@@ -297,6 +295,7 @@ class SmoothOut:
         check_restore_mode(config, self.world_size)
         self.model = model
         self.config = config
+        self._law = get_noise_law(config.adapt)
         self._selected: list[SelectedParameter] = select_parameters(model, config)
         self._merged: MergedSpace | None = None
         if config.space == "lora_merged":
@@ -318,7 +317,7 @@ class SmoothOut:
         sharded = [s for s in self._selected if is_dtensor(s.param)]
         split = [s.name for s in sharded if not rows_are_local(s.param, s.row_axis)]
         copy_restore = config.denoise and config.restore in ("copy", "auto")  # auto: copy for sharded parameters
-        if split and config.enabled and config.adapt in ROW_SCALED_MODES and not copy_restore:
+        if split and config.enabled and get_noise_law(config.adapt).row_scaled and not copy_restore:
             raise ValueError(
                 f"SmoothOut: {split[0]!r} is sharded across its rows (e.g. GPT-2's Conv1D, stored [in, out], under "
                 "FSDP2's Shard(0)); per-row scaling (adapt='filter') of split rows all-reduces the row norms, which "
@@ -507,7 +506,7 @@ class SmoothOut:
                 slot.span, slot.global_shape = dim0_shard_span(p), tuple(p.shape)
             if enabled and self._uses_backup():
                 slot.backup = torch.empty_like(slot.data, memory_format=torch.contiguous_format)
-            if enabled and self.config.adapt in ROW_SCALED_MODES:
+            if enabled and self._law.row_scaled:
                 slot.norms = row_norm_buffers(slot.data, sel.row_axis)
                 slot.reduce_groups = row_split_groups(p, sel.row_axis)
             groups.setdefault((p.device, p.dtype, bool(slot.reduce_groups)), []).append(slot)
@@ -837,35 +836,27 @@ class SmoothOut:
     def _apply_noise(self, strength: float, prefetched: list[torch.Tensor] | None = None) -> None:
         """``param = backup + multiplier * u`` for every slot, ``u`` being what `_draw_stream` left in it (or the
         prefetched buffer of the slot)."""
-        cfg = self.config
         draws = {id(slot): self._noisy(slot) for slot in self._slots}
         if prefetched is not None:
             draws = {id(slot): u for slot, u in zip(self._slots, prefetched, strict=True)}
-        if cfg.adapt not in ROW_SCALED_MODES:
+        law = self._law
+        if not law.row_scaled:
             for slot in self._slots:
-                add_noise_(
-                    self._noisy(slot),
-                    self._clean(slot),
-                    draws[id(slot)],
-                    adapt=cfg.adapt,
-                    strength=strength,
-                    row_axis=slot.row_axis,
-                )
+                law.apply_(self._noisy(slot), self._clean(slot), draws[id(slot)], strength, row_axis=slot.row_axis)
             return
         for slots in self._slot_groups:
             if slots and slots[0].reduce_groups:  # rows split across ranks: same order on every rank
                 for slot in slots:
                     u = draws[id(slot)]
-                    scale = _split_row_scale(slot, self._clean(slot), u, strength, normalize=cfg.adapt == "filter")
+                    scale = _split_row_scale(slot, self._clean(slot), u, strength, normalize=law.normalizes_draw)
                     torch.addcmul(self._clean(slot), u, scale, out=self._noisy(slot))
                 continue
-            scales = filter_scales_(
+            scales = law.row_scales_(
                 [self._clean(slot) for slot in slots],
                 [draws[id(slot)] for slot in slots],
                 strength,
                 [slot.row_axis for slot in slots],
                 [slot.norms for slot in slots],  # type: ignore[misc]
-                normalize=cfg.adapt == "filter",
             )
             for slot, scale in zip(slots, scales, strict=True):
                 torch.addcmul(self._clean(slot), draws[id(slot)], scale, out=self._noisy(slot))
@@ -881,10 +872,7 @@ class SmoothOut:
             for slot in stream.slots:
                 u = self._noisy(slot)
                 draw_(u, cfg.distribution, stream.generator)
-                add_noise_(
-                    u, self._clean(slot), u, adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis,
-                    norm_buffers=slot.norms,
-                )  # fmt: skip
+                self._law.apply_(u, self._clean(slot), u, strength, row_axis=slot.row_axis, buffers=slot.norms)
 
     def _perturb_chunks(self, stream: _Stream, worker: int, strength: float) -> None:
         """No backup (regenerate restore, or no de-noising): draw chunk by chunk into scratch and add in place."""
@@ -892,9 +880,7 @@ class SmoothOut:
         scratch = self._scratch[(stream.device, stream.dtype)][worker]
         for slot, weight, draw, norms in _chunks(stream, scratch):
             draw_(draw, cfg.distribution, stream.generator)
-            add_noise_(
-                weight, weight, draw, adapt=cfg.adapt, strength=strength, row_axis=slot.row_axis, norm_buffers=norms
-            )
+            self._law.apply_(weight, weight, draw, strength, row_axis=slot.row_axis, buffers=norms)
             stream.chunks_done += 1
 
     def restore(self) -> None:
@@ -1118,13 +1104,7 @@ class SmoothOut:
             if remaining == 0:
                 break
             draw_(draw, cfg.distribution, stream.generator)
-            remove_noise_(
-                weight,
-                draw,
-                adapt=cfg.adapt,
-                strength=self._current_strength,
-                row_scale=None if norms is None else norms[0],
-            )
+            self._law.remove_(weight, draw, self._current_strength, row_scale=None if norms is None else norms[0])
             remaining -= 1
         stream.chunks_done = 0
 

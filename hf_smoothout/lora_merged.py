@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters.dtensor import is_dtensor
-from .noise import ROW_NORM_EPS, NonFiniteNoiseError, draw_, row_norms_
+from .laws import get_noise_law
+from .noise import NonFiniteNoiseError, draw_
 from .seeding import MERGED_LAYER_STREAMS, derive_seed, seeded_generator
 
 _QUANTIZED_MODULES = ("bnb", "gptq", "awq", "hqq", "eetq", "torchao", "aqlm", "inc")
@@ -355,30 +356,18 @@ class MergedSpace:
         # float32 bases build W + tau in the merged-weight buffer (its norms are taken by then): 2 buffers, not 3
         role = "merged" if weight.dtype == torch.float32 else "noisy"
         noisy = self._scratch.get(role, weight, weight.dtype)
-        a = armed.strength
-        if armed.adapt == "none":
-            torch.add(weight, u, alpha=a, out=noisy)
-            return noisy, None
-        if armed.adapt == "weight":
-            merged = _merged_weight_(layer, self._scratch.get("merged", weight, torch.float32))
-            torch.add(weight, merged.mul_(u), alpha=a, out=noisy)  # W + a * W' * u
-            return noisy, None
-        if scale is None:
-            merged = _merged_weight_(layer, self._scratch.get("merged", weight, torch.float32))
+        law = get_noise_law(armed.adapt)  # the engine's own law objects: one implementation for both spaces
+        reference = buffers = None
+        if law.uses_reference and (scale is None or not law.row_scaled):
+            reference = _merged_weight_(layer, self._scratch.get("merged", weight, torch.float32))
+        if law.row_scaled and scale is None:
             shape = [1] * weight.ndim
             shape[layer.row_axis] = weight.shape[layer.row_axis]
-            row_norm = torch.empty(shape, device=weight.device, dtype=torch.float32)
-            row_norms_(merged, layer.row_axis, out=row_norm)
-            if armed.adapt == "filter":
-                draw_norm = torch.empty_like(row_norm)
-                row_norms_(u, layer.row_axis, out=draw_norm)
-                scale = row_norm.div_(draw_norm.add_(ROW_NORM_EPS)).mul_(a)
-            elif armed.adapt == "filter_std":
-                scale = row_norm.mul_(a / math.sqrt(_row_length(weight, layer.row_axis)))
-            else:
-                raise ValueError(f"Unknown adapt mode {armed.adapt!r}.")
-        torch.addcmul(weight, u, scale, out=noisy)
-        return noisy, scale
+            buffers = tuple(torch.empty(shape, device=weight.device, dtype=torch.float32) for _ in range(2))
+        result = law.apply_(
+            noisy, weight, u, armed.strength, row_axis=layer.row_axis, buffers=buffers, reference=reference, scale=scale
+        )
+        return noisy, result if law.row_scaled else None
 
     def noisy_weights(self) -> dict[str, torch.Tensor]:
         """What the armed forward passes compute with: ``W + tau`` per layer name, as new tensors (for

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -136,17 +135,11 @@ def filter_scale_(
     normalize: bool = True,
 ) -> torch.Tensor:
     """Per-row multiplier ``a * ||w_row|| / (||u_row|| + eps)`` of AdaSmoothOut (``normalize=False``:
-    ``a * ||w_row|| / sqrt(n)``, the ``filter_std`` law), written into ``buffers[0]``.
+    ``a * ||w_row|| / sqrt(n)``, the ``filter_std`` law), written into ``buffers[0]`` (`hf_smoothout.laws`)."""
+    from .laws import get_noise_law
 
-    Per-tensor ops, the same values as `filter_scales_` (whose ``_foreach`` calls cost more than they save
-    for one tensor on a CPU).
-    """
-    scale, draw_norm = buffers
-    row_norms_(weight, row_axis, out=scale)
-    if not normalize:
-        return scale.mul_(strength / math.sqrt(row_length(weight, row_axis)))
-    row_norms_(draw, row_axis, out=draw_norm)
-    return scale.div_(draw_norm.add_(ROW_NORM_EPS)).mul_(strength)
+    law = get_noise_law("filter" if normalize else "filter_std")
+    return law.row_scale_(weight, draw, strength, row_axis, buffers)  # type: ignore[attr-defined]
 
 
 def row_length(tensor: torch.Tensor, row_axis: int) -> int:
@@ -163,27 +156,11 @@ def filter_scales_(
     *,
     normalize: bool = True,
 ) -> list[torch.Tensor]:
-    """`filter_scale_` for many tensors at once: the per-row arithmetic runs as three ``torch._foreach_*`` ops.
+    """`filter_scale_` for many tensors at once (``torch._foreach_*``); returns the scale buffers."""
+    from .laws import get_noise_law
 
-    Same values as calling `filter_scale_` on every tensor; on a GPU it launches 2 kernels per tensor
-    plus 3 in all instead of 5 per tensor. Returns the scale buffers (``buffers[i][0]``).
-    """
-    scales, draw_norms = [b[0] for b in buffers], [b[1] for b in buffers]
-    if not normalize:
-        for weight, axis, scale in zip(weights, row_axes, scales, strict=True):
-            row_norms_(weight, axis, out=scale)
-        if scales:
-            factors = [strength / math.sqrt(row_length(w, axis)) for w, axis in zip(weights, row_axes, strict=True)]
-            torch._foreach_mul_(scales, factors)
-        return scales
-    for weight, draw, axis, scale, draw_norm in zip(weights, draws, row_axes, scales, draw_norms, strict=True):
-        row_norms_(weight, axis, out=scale)
-        row_norms_(draw, axis, out=draw_norm)
-    if scales:
-        torch._foreach_add_(draw_norms, ROW_NORM_EPS)
-        torch._foreach_div_(scales, draw_norms)
-        torch._foreach_mul_(scales, strength)
-    return scales
+    law = get_noise_law("filter" if normalize else "filter_std")
+    return law.row_scales_(weights, draws, strength, row_axes, buffers)  # type: ignore[attr-defined]
 
 
 def add_noise_(
@@ -196,25 +173,13 @@ def add_noise_(
     row_axis: int,
     norm_buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
-    """Write ``weight + tau`` into ``out``, where ``tau`` is built from the raw draw ``draw``.
+    """Write ``weight + tau`` into ``out`` with the law ``adapt`` (`hf_smoothout.laws`); ``out`` may be ``draw``
+    or ``weight``. Returns the per-row scale of a row-scaled law, else ``None``."""
+    from .laws import get_noise_law
 
-    ``out`` may be ``draw`` itself (noise drawn straight into the parameter, ``weight`` its backup)
-    or ``weight`` itself (noise drawn into a scratch buffer). Returns the per-row scale for
-    ``filter``/``filter_std`` (needed to rebuild the same noise later), else ``None``.
-    """
-    if adapt == "none":
-        torch.add(weight, draw, alpha=strength, out=out)
-        return None
-    if adapt == "weight":
-        torch.addcmul(weight, draw, weight, value=strength, out=out)
-        return None
-    if adapt in ("filter", "filter_std"):
-        if norm_buffers is None:
-            raise ValueError(f"adapt={adapt!r} needs norm_buffers (see row_norm_buffers).")
-        scale = filter_scale_(weight, draw, strength, row_axis, norm_buffers, normalize=adapt == "filter")
-        torch.addcmul(weight, draw, scale, out=out)
-        return scale
-    raise ValueError(f"Unknown adapt mode {adapt!r}; allowed: filter, filter_std, none, weight.")
+    law = get_noise_law(adapt)
+    scale = law.apply_(out, weight, draw, strength, row_axis=row_axis, buffers=norm_buffers)
+    return scale if law.row_scaled else None
 
 
 def remove_noise_(
@@ -225,20 +190,10 @@ def remove_noise_(
     strength: float,
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Undo ``add_noise_`` in place on ``noisy`` given the same raw draw (equal up to rounding).
+    """Undo ``add_noise_`` in place on ``noisy`` given the same raw draw (equal up to rounding)."""
+    from .laws import get_noise_law
 
-    ``filter`` needs the ``row_scale`` that ``add_noise_`` returned. ``draw`` is overwritten for
-    ``weight`` (it becomes the factor ``1 + a * u`` the weight was multiplied by).
-    """
-    if adapt == "none":
-        return noisy.add_(draw, alpha=-strength)
-    if adapt == "weight":
-        return noisy.div_(draw.mul_(strength).add_(1.0))
-    if adapt in ("filter", "filter_std"):
-        if row_scale is None:
-            raise ValueError(f"adapt={adapt!r} needs the row_scale returned by add_noise_.")
-        return noisy.addcmul_(draw, row_scale, value=-1.0)
-    raise ValueError(f"Unknown adapt mode {adapt!r}; allowed: filter, filter_std, none, weight.")
+    return get_noise_law(adapt).remove_(noisy, draw, strength, row_scale=row_scale)
 
 
 def typical_relative_noise(config: Any, params: list[torch.Tensor]) -> float:
@@ -256,15 +211,6 @@ def typical_relative_noise(config: Any, params: list[torch.Tensor]) -> float:
         >>> round(typical_relative_noise(none, [torch.ones(4, 4), torch.zeros(4, 4), torch.zeros(4)]), 3)
         0.005
     """
-    mean_abs_u = 0.5 if config.distribution == "uniform" else math.sqrt(2.0 / math.pi)
-    if config.adapt == "filter":
-        return config.strength * mean_abs_u * math.sqrt(3.0 if config.distribution == "uniform" else 1.0)
-    if config.adapt in ("weight", "filter_std"):
-        return config.strength * mean_abs_u
-    ratios = []
-    for p in params:
-        norm = float(torch.linalg.vector_norm(p.detach(), dtype=torch.float32)) if p.numel() else 0.0
-        rms = norm / math.sqrt(p.numel()) if p.numel() else 0.0
-        if rms > 0:  # all-zero tensors (a fresh LoRA B, zero-initialized biases) have no scale to compare with
-            ratios.append(config.strength * mean_abs_u / rms)
-    return float(sorted(ratios)[len(ratios) // 2]) if ratios else math.inf
+    from .laws import get_noise_law
+
+    return get_noise_law(config.adapt).typical_relative(config.strength, config.distribution, params)

@@ -74,11 +74,12 @@ def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch, ada
 
 @pytest.mark.parametrize("adapt", ADAPT_MODES)
 def test_regenerate_failure_while_drawing_is_undone(tiny_model, monkeypatch, adapt):
-    import hf_smoothout.engine as engine_module
+    from hf_smoothout.laws import get_noise_law
 
     engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.3, adapt=adapt, restore="regenerate", seed=0))
     clean = clone_params(tiny_model)
-    real = engine_module.add_noise_
+    law = get_noise_law(adapt)
+    real = law.apply_
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -87,9 +88,10 @@ def test_regenerate_failure_while_drawing_is_undone(tiny_model, monkeypatch, ada
             raise MemoryError("simulated")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "add_noise_", flaky)
+    monkeypatch.setattr(law, "apply_", flaky)  # the registered law object the engine applies
     with pytest.raises(MemoryError):
         engine.perturb()
+    assert calls["n"] == 3  # the fault fired
     for name, p in tiny_model.named_parameters():
         torch.testing.assert_close(p.detach(), clean[name], rtol=1e-6, atol=1e-7)
 
