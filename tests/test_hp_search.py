@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import clone_params, make_classification_data
-from test_trainer import model_with_seed
+from test_trainer import model_with_seed, training_args
 from transformers import TrainerCallback
 
 from hf_smoothout import (
@@ -54,17 +54,8 @@ def relative_row_noise(seen: dict[str, torch.Tensor], clean: dict[str, torch.Ten
 
 
 def search_trainer(tmp_path, strength: float) -> SmoothOutTrainer:
-    args = SmoothOutTrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=8,
-        max_steps=3,
-        learning_rate=0.05,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        smoothout_strength=strength,
+    args = training_args(
+        tmp_path, SmoothOutTrainingArguments, max_steps=3, logging_steps=500, smoothout_strength=strength
     )
     return SmoothOutTrainer(
         model_init=lambda trial=None: model_with_seed(),

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_smoothout import SmoothOutConfig, SmoothOutTrainer
 
 
-def training_args(tmp_path, **overrides) -> TrainingArguments:
+def training_args(tmp_path, args_class: type = TrainingArguments, **overrides) -> TrainingArguments:
     values = dict(
         output_dir=str(tmp_path / "out"),
         use_cpu=True,
@@ -29,7 +29,7 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
         dataloader_num_workers=0,
     )
     values.update(overrides)
-    return TrainingArguments(**values)
+    return args_class(**values)
 
 
 def model_with_seed(seed: int = 0, **kwargs) -> TinyClassifier:
