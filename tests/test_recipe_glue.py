@@ -595,3 +595,13 @@ def test_help_opens_with_a_description_and_ends_with_examples(capsys):
     assert_recipe_help(
         glue.main, "Fine-tune a sequence classifier on GLUE", "accelerate launch recipes/glue.py", capsys
     )
+
+
+def test_validation_labels_unseen_in_training_stop_a_glue_task_too():
+    """With --task_name the classes come from the task; a validation class absent from training still stops."""
+    from recipe_kit.text_data import GLUE_TASKS, _label_plan
+
+    with pytest.raises(RecipeError, match=r"Labels \[2\] of the eval split never occur in the training split"):
+        _label_plan(GLUE_TASKS["mnli"], None, [0, 1, 0, 1], {"eval": [0, 2]})
+    names, mapping = _label_plan(GLUE_TASKS["mnli"], None, [0, 1, 2], {"eval": [0, 2]})
+    assert len(names) == 3 and mapping == {0: 0, 1: 1, 2: 2}
