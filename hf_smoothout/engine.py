@@ -48,7 +48,14 @@ import torch
 from torch import nn
 
 from .adapters.deepspeed import deepspeed_engine_of, deepspeed_flattened, restore_before_step
-from .adapters.dtensor import dim0_shard_span, is_dtensor, local_tensor, row_split_groups, rows_are_local
+from .adapters.dtensor import (
+    check_fsdp_shared_uneven_shards,
+    dim0_shard_span,
+    is_dtensor,
+    local_tensor,
+    row_split_groups,
+    rows_are_local,
+)
 from .config import SmoothOutConfig
 from .guards import (
     check_no_forward_writes,
@@ -410,6 +417,8 @@ class SmoothOut:
         if self._perturbed:
             raise RuntimeError("Cannot reallocate SmoothOut buffers while the weights are perturbed.")
         enabled = self.config.enabled
+        if enabled and self._sharded:  # FSDP2 gathering a tied, unevenly sharded weight from a stale copy
+            check_fsdp_shared_uneven_shards(self.model, [(sel.name, sel.param) for sel in self._selected])
         chosen = {id(sel.param) for sel in self._selected}
         others = [p for p in self.model.parameters() if id(p) not in chosen] + list(self.model.buffers())
         others += module_tensor_attributes(self.model)
