@@ -36,7 +36,8 @@ from .adapters.sharded_checkpoint import SHARDED_STATE_DIR, has_sharded_state, l
 from .arguments import SmoothOutArguments
 from .compat import check_trainer_setup, warn_if_below_resolution
 from .config import SmoothOutConfig
-from .engine import NonFiniteNoiseError, SmoothOut, check_restore_mode, validate_state
+from .engine import NonFiniteNoiseError, SmoothOut
+from .guards import check_restore_mode, validate_state
 from .selection import select_parameters
 
 logger = logging.get_logger(__name__)

@@ -180,3 +180,55 @@ def test_fsdp2_noise_is_the_same_for_2_and_4_shards(tmp_path):
         noises.append(torch.load(out / "first_noise.pt"))
     assert torch.count_nonzero(noises[0]) == noises[0].numel()
     assert torch.equal(noises[0], noises[1])
+
+
+def run_fsdp_tied_train(out: Path, *, vocab: int = 65, pad: int = 0, extra: tuple[str, ...] = ()) -> dict:
+    """``tests/fsdp_tied_train.py`` on 2 processes: a tied GPT-2 LM, evaluated on start and after every 2 of its 4
+    steps of 2 micro-batches; returns its result."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(SCRIPT.with_name("fsdp_tied_train.py")), "--use_cpu", "--output_dir", str(out), "--max_steps", "4",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--learning_rate", "0.01",
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--smoothout_strength", "0.05",
+        "--seed", "3", "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "2", *extra,
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FSDP_TEST_VOCAB", str(vocab))
+        patch.setenv("FSDP_TEST_PAD", str(pad))
+        run_launcher(cmd)
+    result = json.loads((out / "fsdp_tied_result.json").read_text())
+    assert result["world_size"] == 2 and result["tied"]
+    return result
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_refuses_a_tied_embedding_that_transformers_shards_unevenly(tmp_path):
+    """transformers ties lm_head to the embedding after fully_shard: two FSDP2 records gather the one weight, and with
+    65 rows over 2 ranks rank 1's embedding rows come from a padded copy nothing writes. Before the refusal, the 32
+    rows of every micro-batch after the first evaluation carried no noise in the forward pass."""
+    result = run_fsdp_tied_train(tmp_path)
+    assert result["rows"] == 65
+    for error in result["errors"]:  # every rank refuses alike (no rank waits in a collective)
+        assert "'transformer.wte.weight'" in error and "'lm_head'" in error and "'transformer.wte'" in error
+        assert "65 rows on dim 0, sharded over 2 FSDP2 ranks" in error
+        assert "resize_token_embeddings(model.config.vocab_size, pad_to_multiple_of=2)" in error
+        assert "tie_word_embeddings=False" in error and "exclude=['transformer.wte.weight']" in error
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_tied_embedding_padded_to_the_shard_count_gets_noise_on_every_row_after_evaluation(tmp_path):
+    result = run_fsdp_tied_train(tmp_path, pad=2)
+    assert result["rows"] == 66 and result["errors"] == ["", ""]
+    assert result["steps"] == 4 and result["evaluated"]
+    assert result["rows_without_noise"] == [0] * 8  # every global row noisy in every micro-batch, on both ranks
+    assert result["rows_off_the_parameter"] == [0] * 8  # the forward read exactly the noisy parameter
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_tied_uneven_embedding_left_out_by_exclude_trains_and_shows_the_stale_rows(tmp_path):
+    """The refusal is about the selected weight only. With it left clean, training runs; the forward still reads
+    rank 1's stale rows of the embedding once an optimizer step has moved the parameter (plain FSDP2 does too)."""
+    result = run_fsdp_tied_train(tmp_path, extra=("--smoothout_exclude", "transformer.wte.weight"))
+    assert result["errors"] == ["", ""] and result["steps"] == 4
+    assert result["rows_without_noise"] == [65, 65] + [33] * 6  # no noise; after step 1 rank 1's rows are stale
+    assert result["rows_off_the_parameter"] == [0, 0] + [32] * 6
