@@ -622,6 +622,7 @@ class SmoothOut:
         self._current_strength = strength
         self._window = (step, total_steps)
         self._suspended = self._held = False
+        self._window_versions = []  # set once the noise is in: a failed perturb checks no writes
         self._noop = strength == 0.0 or (not self._selected and self._merged is None)
         if self._noop:
             self._perturbed = True
@@ -853,7 +854,12 @@ class SmoothOut:
             try:
                 error = self._take_noise_out(keep=True)
             except BaseException:
-                self._close_window()
+                # keep=True fails before touching a weight (allocating the held buffers): remove the noise plainly
+                try:
+                    if self._uses_backup():
+                        self._take_noise_out(keep=False)
+                finally:
+                    self._close_window()
                 raise
             if error is not None:
                 self._close_window()
@@ -880,17 +886,22 @@ class SmoothOut:
             # Draw the same noise again: same draw index, current clean weights.
             release((param for _, param in self._claimed_parameters()), self)
             self._perturbed = self._suspended = self._held = False
-            self.perturb(*self._window)
+            try:
+                self.perturb(*self._window)
+            except BaseException:
+                if not self._perturbed:
+                    self._draws += 1  # the window is gone: its draw counts, as a restore would count it
+                raise
             return
         with interrupts_deferred() as interrupt:
+            self._arm_merged(self._current_strength, check_finite=False)  # may refuse: before any weight is written
             with torch.no_grad():
                 if self._swaps():
                     for slot in self._slots:
                         slot.param.data = slot.backup
                     self._swapped = True
-                else:
+                elif self._slots:
                     torch._foreach_copy_([s.data for s in self._slots], [s.held for s in self._slots])
-            self._arm_merged(self._current_strength, check_finite=False)
             self._suspended = False
             self._window_versions = self._versions()
             if interrupt.pending:
@@ -923,6 +934,7 @@ class SmoothOut:
 
     def _close_window(self) -> None:
         self._perturbed = self._suspended = self._held = False
+        self._window_versions = []
         if not self._noop:
             release((param for _, param in self._claimed_parameters()), self)
         self._draws += 1
@@ -958,7 +970,7 @@ class SmoothOut:
                         slot.param.data = slot.data
                 self._swapped = False
             elif self._uses_backup():
-                if keep and not moved:
+                if keep and not moved and self._slots:
                     held = [self._held_buffer(slot) for slot in self._slots]
                     torch._foreach_copy_(held, [s.data for s in self._slots])
                 for params, backups in self._copy_groups:

@@ -234,7 +234,7 @@ class MergedSpace:
         self.layers = layers
         self.root = root  # the model the layers were found in: arming checks that they are still there
         self._armed: _Armed | None = None
-        self._trained: list[tuple[str, ...]] = []  # per layer: the adapters active when armed (the ones trained)
+        self._trained: dict[str, tuple[str, ...]] = {}  # layer name -> the adapters active when armed (trained)
         self._scratch = _Scratch()
         self._checked: set[int] = set()
         for layer in layers:
@@ -306,7 +306,7 @@ class MergedSpace:
                     "(space='lora_merged'); the merged space computes the input gradient only, so it would get no "
                     "gradient. Freeze it again, or use space='trainable'."
                 )
-        self._trained = [tuple(layer.module.active_adapters) for layer in self.layers]
+        self._trained = {layer.name: tuple(layer.module.active_adapters) for layer in self.layers}
         self._checked.clear()
         self._armed = _Armed(adapt, distribution, strength, base_seed, rank, draw, check_finite)
 
@@ -317,7 +317,7 @@ class MergedSpace:
         if layer is None or self._armed is None:
             return False
         module = layer.module
-        return not module.disable_adapters and tuple(module.active_adapters) == self._trained[layer.index]
+        return not module.disable_adapters and tuple(module.active_adapters) == self._trained.get(layer.name)
 
     def disarm(self) -> None:
         """Forward passes compute at the clean weights again (nothing to restore: no weight was written)."""

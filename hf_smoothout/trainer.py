@@ -376,6 +376,8 @@ class SmoothOutMixin:
             self.smoothout = None
         self._smoothout_pending_state = None
         self._smoothout_trial_pending = True
+        self._smoothout_loss_checked = 0.0  # the non-finite checks start again for the trial's strengths
+        self._smoothout_told_diverged = False
 
     def _smoothout_apply_trial(self) -> None:
         if not self._smoothout_trial_pending:
@@ -392,7 +394,7 @@ class SmoothOutMixin:
         if not isinstance(self.args, SmoothOutArguments):
             return self.smoothout_config
         now = self.args.to_smoothout_config().to_dict()
-        changed = {k: v for k, v in now.items() if self._smoothout_args_at_init.get(k) != v and k != "seed"}
+        changed = {k: v for k, v in now.items() if self._smoothout_args_at_init.get(k) != v}
         config = dataclasses.replace(self._smoothout_config_at_init, **changed)
         if changed:
             logger.info(f"SmoothOut: this trial trains with {changed}.")

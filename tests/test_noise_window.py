@@ -13,6 +13,7 @@ import torch
 from conftest import TinyClassifier, clone_params, make_classification_data
 from safetensors.torch import load_file
 from test_trainer import model_with_seed, training_args
+from torch import nn
 from transformers import TrainerCallback
 
 from hf_smoothout import SmoothOut, SmoothOutConfig, SmoothOutTrainer
@@ -239,3 +240,119 @@ def test_the_window_state_counts_a_suspended_window_as_drawn():
     engine.restore()
     assert engine.state_dict()["draws"] == 1
     assert json.dumps(engine.state_dict())  # plain values
+
+
+# ---------------------------------------------------------------------------- the window's own failure paths
+def test_a_failure_allocating_the_held_buffers_at_suspend_leaves_clean_weights(monkeypatch):
+    model = model_with_seed()
+    clean = clone_params(model)
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.1, seed=0, restore="copy"))
+    engine.perturb()
+
+    def out_of_memory(slot):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(engine, "_held_buffer", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.suspend()
+    assert not engine.is_perturbed
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), clean[name]), name
+
+
+def test_a_failed_perturb_raises_its_own_error_not_a_write_in_the_window():
+    layer = nn.Linear(4, 4, bias=False)
+    engine = SmoothOut(layer, SmoothOutConfig(strength=0.5, seed=0, schedule="cosine"))
+    with engine.perturbed(10, 100):
+        pass
+    with torch.no_grad():
+        layer.weight[0, 0] = 3.0e38  # finite, but noise of strength 0.5 overflows it
+    with pytest.raises(NonFiniteNoiseError):
+        engine.perturb(100, 100)
+    assert not engine.is_perturbed
+
+
+def test_a_failed_redraw_at_resume_still_counts_the_window_s_draw():
+    layer = nn.Linear(4, 4)
+    engine = SmoothOut(layer, SmoothOutConfig(strength=0.1, seed=0, restore="copy"))
+    engine.perturb()
+    engine.suspend()
+    layer.weight = nn.Parameter(layer.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="replaced"):
+        engine.resume()
+    assert not engine.is_perturbed and engine.state_dict()["draws"] == 1
+
+
+peft = pytest.importorskip("peft")
+
+
+def lora_model(targets=("0", "2")) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    return peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=list(targets)))
+
+
+def test_a_merged_space_engine_without_per_parameter_noise_suspends_and_resumes():
+    model = lora_model()
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, space="lora_merged", seed=0))
+    assert engine.parameter_names == [] and engine.restore_mode == "copy"
+    x = torch.randn(3, 8)
+    engine.perturb()
+    noisy = model(x)
+    engine.suspend()
+    clean = model(x)
+    engine.resume()
+    assert torch.equal(model(x), noisy) and not torch.equal(noisy, clean)
+    engine.restore()
+
+
+def test_resume_that_cannot_rearm_the_merged_space_leaves_clean_weights():
+    model = lora_model()
+    head = model.base_model.model[4]
+    head.weight.requires_grad_(True)  # a trained non-adapter weight (like modules_to_save): per-parameter noise
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.1, space="lora_merged", seed=0))
+    clean = head.weight.detach().clone()
+    engine.perturb()
+    engine.suspend()
+    model.base_model.model[0].base_layer.weight.requires_grad_(True)  # arming now refuses
+    with pytest.raises(RuntimeError, match="unfrozen"):
+        engine.resume()
+    engine.restore()
+    assert torch.equal(head.weight, clean)
+
+
+@pytest.mark.parametrize("selection", [{"exclude": [r"model\.0\."]}, {"include": [r"model\.4\."]}])
+def test_merged_space_layers_left_out_by_include_or_exclude_do_not_break_the_adapter_check(selection):
+    model = lora_model(("0", "2", "4"))
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, space="lora_merged", seed=0, **selection))
+    with engine.perturbed():
+        model(torch.randn(3, 8)).sum().backward()
+    assert 0 < len(engine.merged_layer_names) < 3
+
+
+def test_merged_space_with_one_draw_per_step_trains_through_the_trainer(tmp_path):
+    from datasets import Dataset
+
+    model = lora_model()
+    data = [{"x": torch.randn(8).tolist(), "labels": i % 2} for i in range(16)]
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, labels):
+            logits = self.inner(x)
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    wrapped = Wrapper(model)
+    trainer = SmoothOutTrainer(
+        wrapped,
+        training_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=3),
+        train_dataset=Dataset.from_list(data).with_format("torch"),
+        smoothout_config=SmoothOutConfig(strength=0.05, space="lora_merged", noise_every="step", seed=0),
+    )
+    base = model.base_model.model[0].base_layer.weight.detach().clone()
+    trainer.train()
+    assert trainer.state.global_step == 3 and not trainer.smoothout.is_perturbed
+    assert torch.equal(model.base_model.model[0].base_layer.weight, base)
