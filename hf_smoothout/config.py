@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .laws import get_noise_law, list_noise_laws
+from .laws import list_noise_laws
 
 ADAPT_MODES = tuple(list_noise_laws())
 DISTRIBUTIONS = ("uniform", "gaussian")
@@ -24,7 +24,6 @@ RESTORE_MODES = ("auto", "copy", "regenerate", "swap")
 NOISE_EVERY = ("micro_batch", "step")
 SPACES = ("trainable", "lora_merged")
 PREFETCH_MODES = ("auto", "always", "never")
-ROW_SCALED_MODES = tuple(name for name in ADAPT_MODES if get_noise_law(name).row_scaled)
 
 Adapt = str  # a name in hf_smoothout.laws.NOISE_LAWS
 Distribution = Literal["uniform", "gaussian"]

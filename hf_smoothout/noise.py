@@ -1,24 +1,16 @@
-"""Tensor-level noise laws: add ``tau`` to a weight tensor in place, with no allocation.
+"""Raw noise draws and the per-row helpers the noise laws share: no allocation on the hot path.
 
-The three scalings of the method, for a raw draw ``u ~ U(-1, 1)`` (or ``N(0, 1)``):
-
-* ``none``   -- ``tau = a * u``;
-* ``weight`` -- ``tau = a * w * u`` (element-wise; ``u`` is symmetric, so this has the law of
-  ``a * |w| * u``, and ``|tau| <= a * |w|`` for uniform ``u``);
-* ``filter`` -- AdaSmoothOut: per output row, ``tau_row = a * ||w_row|| * u_row / (||u_row|| + 1e-6)``,
-  so every row's noise vector has L2 norm ``a * ||w_row||``;
-* ``filter_std`` -- per output row of ``n`` elements, ``tau_row = a * ||w_row|| / sqrt(n) * u_row`` (the
-  draw is not normalized: with Gaussian ``u`` that is Flat-LoRA's law, row norm about ``a * ||w_row||``).
-
-Each law is applied as one fused pass (``out = w + multiplier * u``, via ``torch.add``/``addcmul``).
+``draw_`` fills a tensor with ``U(-1, 1)`` or ``N(0, 1)`` samples (numpy's PCG64 for CPU float32/float64 uniform
+noise, torch's generator otherwise); the laws that turn a draw into the noise ``tau`` are in
+`hf_smoothout.laws`, one file each; the per-row ones use `row_norm_buffers`, `row_norms_` and `row_length`.
 
 Example:
     >>> import torch
+    >>> from hf_smoothout.laws import get_noise_law
     >>> w = torch.randn(3, 5)
     >>> u = draw_(torch.empty_like(w), "uniform", torch.Generator().manual_seed(0))
-    >>> norms = row_norm_buffers(w, row_axis=0)
     >>> noisy = torch.empty_like(w)
-    >>> _ = add_noise_(noisy, w, u, adapt="filter", strength=0.1, row_axis=0, norm_buffers=norms)
+    >>> _ = get_noise_law("filter").apply_(noisy, w, u, 0.1, row_axis=0, buffers=row_norm_buffers(w, row_axis=0))
     >>> torch.allclose((noisy - w).norm(dim=1), 0.1 * w.norm(dim=1), rtol=1e-4)
     True
 """
@@ -109,7 +101,7 @@ def row_norm_shape(tensor: torch.Tensor, row_axis: int) -> tuple[int, ...]:
 
 
 def row_norm_buffers(tensor: torch.Tensor, row_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two preallocated per-row buffers (row scale, noise norms) for ``add_noise_`` in ``filter`` mode."""
+    """Two preallocated per-row buffers (row scale, noise norms) for a per-row law (`hf_smoothout.laws`)."""
     shape = row_norm_shape(tensor, row_axis)
     return (
         torch.empty(shape, device=tensor.device, dtype=tensor.dtype),
@@ -125,75 +117,9 @@ def row_norms_(tensor: torch.Tensor, row_axis: int, out: torch.Tensor) -> torch.
     return torch.linalg.vector_norm(tensor, ord=2, dim=dims, keepdim=True, out=out)
 
 
-def filter_scale_(
-    weight: torch.Tensor,
-    draw: torch.Tensor,
-    strength: float,
-    row_axis: int,
-    buffers: tuple[torch.Tensor, torch.Tensor],
-    *,
-    normalize: bool = True,
-) -> torch.Tensor:
-    """Per-row multiplier ``a * ||w_row|| / (||u_row|| + eps)`` of AdaSmoothOut (``normalize=False``:
-    ``a * ||w_row|| / sqrt(n)``, the ``filter_std`` law), written into ``buffers[0]`` (`hf_smoothout.laws`)."""
-    from .laws import get_noise_law
-
-    law = get_noise_law("filter" if normalize else "filter_std")
-    return law.row_scale_(weight, draw, strength, row_axis, buffers)  # type: ignore[attr-defined]
-
-
 def row_length(tensor: torch.Tensor, row_axis: int) -> int:
     """Elements in one output row of ``tensor`` (1 for 0-D and 1-D tensors)."""
     return tensor.numel() // max(1, tensor.shape[row_axis]) if tensor.ndim > 1 else 1
-
-
-def filter_scales_(
-    weights: list[torch.Tensor],
-    draws: list[torch.Tensor],
-    strength: float,
-    row_axes: list[int],
-    buffers: list[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    normalize: bool = True,
-) -> list[torch.Tensor]:
-    """`filter_scale_` for many tensors at once (``torch._foreach_*``); returns the scale buffers."""
-    from .laws import get_noise_law
-
-    law = get_noise_law("filter" if normalize else "filter_std")
-    return law.row_scales_(weights, draws, strength, row_axes, buffers)  # type: ignore[attr-defined]
-
-
-def add_noise_(
-    out: torch.Tensor,
-    weight: torch.Tensor,
-    draw: torch.Tensor,
-    *,
-    adapt: str,
-    strength: float,
-    row_axis: int,
-    norm_buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor | None:
-    """Write ``weight + tau`` into ``out`` with the law ``adapt`` (`hf_smoothout.laws`); ``out`` may be ``draw``
-    or ``weight``. Returns the per-row scale of a row-scaled law, else ``None``."""
-    from .laws import get_noise_law
-
-    law = get_noise_law(adapt)
-    scale = law.apply_(out, weight, draw, strength, row_axis=row_axis, buffers=norm_buffers)
-    return scale if law.row_scaled else None
-
-
-def remove_noise_(
-    noisy: torch.Tensor,
-    draw: torch.Tensor,
-    *,
-    adapt: str,
-    strength: float,
-    row_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Undo ``add_noise_`` in place on ``noisy`` given the same raw draw (equal up to rounding)."""
-    from .laws import get_noise_law
-
-    return get_noise_law(adapt).remove_(noisy, draw, strength, row_scale=row_scale)
 
 
 def typical_relative_noise(config: Any, params: list[torch.Tensor]) -> float:

@@ -20,8 +20,10 @@ def sample(dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = (24, 40)
     return weight, draw
 
 
-def buffers_for(law, weight: torch.Tensor):
-    return row_norm_buffers(weight, 0) if law.row_scaled else None
+def apply(law, out: torch.Tensor, base: torch.Tensor, draw: torch.Tensor, strength: float = 0.05):
+    """``law.apply_`` along rows (axis 0), with per-row buffers where the law needs them; returns its result."""
+    buffers = row_norm_buffers(base, 0) if law.row_scaled else None
+    return law.apply_(out, base, draw, strength, row_axis=0, buffers=buffers)
 
 
 @pytest.mark.parametrize("name", LAWS)
@@ -29,7 +31,7 @@ def test_zero_strength_leaves_the_weights_bit_identical(name):
     law = get_noise_law(name)
     weight, draw = sample()
     out = torch.empty_like(weight)
-    law.apply_(out, weight, draw, 0.0, row_axis=0, buffers=buffers_for(law, weight))
+    apply(law, out, weight, draw, 0.0)
     assert torch.equal(out, weight)
 
 
@@ -39,7 +41,7 @@ def test_remove_undoes_apply_up_to_rounding(name, dtype):
     law = get_noise_law(name)
     weight, draw = sample(dtype)
     noisy = weight.clone()
-    scale = law.apply_(noisy, weight.clone(), draw, 0.05, row_axis=0, buffers=buffers_for(law, weight))
+    scale = apply(law, noisy, weight.clone(), draw)
     assert not torch.equal(noisy, weight)
     law.remove_(noisy, draw.clone(), 0.05, row_scale=scale)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-14
@@ -51,11 +53,11 @@ def test_writing_into_the_draw_or_the_weight_gives_the_same_values(name):
     law = get_noise_law(name)
     weight, draw = sample()
     separate = torch.empty_like(weight)
-    law.apply_(separate, weight, draw, 0.05, row_axis=0, buffers=buffers_for(law, weight))
+    apply(law, separate, weight, draw)
     into_draw = draw.clone()
-    law.apply_(into_draw, weight, into_draw, 0.05, row_axis=0, buffers=buffers_for(law, weight))
+    apply(law, into_draw, weight, into_draw)
     into_weight = weight.clone()
-    law.apply_(into_weight, into_weight, draw, 0.05, row_axis=0, buffers=buffers_for(law, weight))
+    apply(law, into_weight, into_weight, draw)
     assert torch.equal(into_draw, separate) and torch.equal(into_weight, separate)
 
 
@@ -64,7 +66,7 @@ def test_the_declared_typical_relative_size_matches_a_measurement(name):
     law = get_noise_law(name)
     weight, draw = sample(torch.float32, (64, 256))
     out = torch.empty_like(weight)
-    law.apply_(out, weight, draw, 0.05, row_axis=0, buffers=buffers_for(law, weight))
+    apply(law, out, weight, draw)
     measured = float(((out - weight).abs() / weight.abs()).median())
     declared = law.typical_relative(0.05, "uniform", [weight])
     assert declared / 3 < measured < declared * 3, (measured, declared)
@@ -75,12 +77,15 @@ def test_row_scaled_laws_scale_many_tensors_like_one(name):
     law = get_noise_law(name)
     if not law.row_scaled:
         pytest.skip("not a per-row law")
-    tensors = [sample(shape=shape) for shape in ((8, 5), (3, 7), (16, 2))]
-    one = [law.row_scale_(w, u, 0.1, 0, row_norm_buffers(w, 0)).clone() for w, u in tensors]
-    many = law.row_scales_([w for w, _ in tensors], [u for _, u in tensors], 0.1, [0] * 3,
-                           [row_norm_buffers(w, 0) for w, _ in tensors])  # fmt: skip
-    for a, b in zip(one, many, strict=True):
-        assert torch.equal(a, b)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(7, 5, generator=g), torch.randn(4, 3, 2, 2, generator=g), torch.randn(6, generator=g)]
+    draws = [torch.rand(w.shape, generator=g) * 2 - 1 for w in weights]
+    axes = [0, 1, 0]  # a linear's rows, a conv-transpose-like axis 1, a 1-D parameter's elements
+    grouped = law.row_scales_(
+        weights, draws, 0.03, axes, [row_norm_buffers(w, a) for w, a in zip(weights, axes, strict=True)]
+    )
+    for weight, draw, axis, scale in zip(weights, draws, axes, grouped, strict=True):
+        assert torch.equal(scale, law.row_scale_(weight, draw, 0.03, axis, row_norm_buffers(weight, axis)))
 
 
 @pytest.mark.parametrize("name", LAWS)

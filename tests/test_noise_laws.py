@@ -209,21 +209,6 @@ def test_zero_strength_touches_nothing(zoo):
     assert engine.buffer_bytes == 0
 
 
-def test_grouped_filter_scales_equal_one_tensor_at_a_time():
-    from hf_smoothout.noise import filter_scale_, filter_scales_, row_norm_buffers
-
-    g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(7, 5, generator=g), torch.randn(4, 3, 2, 2, generator=g), torch.randn(6, generator=g)]
-    draws = [torch.rand(w.shape, generator=g) * 2 - 1 for w in weights]
-    axes = [0, 1, 0]
-    for normalize in (True, False):  # filter, filter_std
-        buffers = [row_norm_buffers(w, a) for w, a in zip(weights, axes, strict=True)]
-        grouped = filter_scales_(weights, draws, 0.03, axes, buffers, normalize=normalize)
-        for w, u, axis, scale in zip(weights, draws, axes, grouped, strict=True):
-            one = filter_scale_(w, u, 0.03, axis, row_norm_buffers(w, axis), normalize=normalize)
-            assert torch.equal(scale, one)
-
-
 def test_the_stream_id_ranges_never_overlap_and_refuse_indices_outside_them():
     import itertools
 
