@@ -43,7 +43,7 @@ from torch import nn
 
 from .adapters.dtensor import is_dtensor
 from .laws import get_noise_law
-from .noise import NonFiniteNoiseError, draw_
+from .noise import NonFiniteNoiseError, draw_, row_norm_shape
 from .seeding import MERGED_LAYER_STREAMS, derive_seed, seeded_generator
 
 _QUANTIZED_MODULES = ("bnb", "gptq", "awq", "hqq", "eetq", "torchao", "aqlm", "inc")
@@ -216,10 +216,6 @@ def _submodule(root: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _row_length(weight: torch.Tensor, row_axis: int) -> int:
-    return weight.numel() // max(1, weight.shape[row_axis])
-
-
 class MergedSpace:
     """Noise on the merged weights of a model's PEFT LoRA ``Linear`` layers; the engine arms and disarms it.
 
@@ -360,9 +356,8 @@ class MergedSpace:
         reference = buffers = None
         if law.uses_reference and (scale is None or not law.row_scaled):
             reference = _merged_weight_(layer, self._scratch.get("merged", weight, torch.float32))
-        if law.row_scaled and scale is None:
-            shape = [1] * weight.ndim
-            shape[layer.row_axis] = weight.shape[layer.row_axis]
+        if law.row_scaled and scale is None:  # float32 per-row buffers, whatever the base's dtype
+            shape = row_norm_shape(weight, layer.row_axis)
             buffers = tuple(torch.empty(shape, device=weight.device, dtype=torch.float32) for _ in range(2))
         result = law.apply_(
             noisy, weight, u, armed.strength, row_axis=layer.row_axis, buffers=buffers, reference=reference, scale=scale
