@@ -88,7 +88,7 @@ def main() -> None:
     copy_bufs = [torch.empty_like(p) for p in selected]
     data = [p.detach().clone() for p in selected]
     gen = torch.Generator(device=device).manual_seed(0)
-    threads = engine._workers
+    threads = engine.describe()["workers"]
     gens = [torch.Generator(device=device).manual_seed(i) for i in range(threads)]
     pool = ThreadPoolExecutor(threads)
 

@@ -102,7 +102,7 @@ class SmoothOutConfig:
             noise in the weights (classic weight-noise injection, for ablations only).
         restore: how the weights get clean again after the backward pass. ``"auto"`` (default): ``"swap"`` where
             that is proven harmless (every selected parameter on the CPU, a plain tensor owning its whole contiguous
-            storage, shared with no other tensor of the model), else ``"copy"``; see `hf_smoothout.restore_choice`,
+            storage, shared with no other tensor of the model), else ``"copy"``; see `hf_smoothout.restore.auto`,
             and ``SmoothOut.restore_mode`` for the one chosen. Both are exact and train bit-identically. ``"copy"``
             restores bit-exactly from a preallocated backup (one extra copy of the selected parameters). ``"swap"``
             writes the noisy weights into a second buffer and points each parameter at it for the forward and

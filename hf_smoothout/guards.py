@@ -8,9 +8,10 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +20,10 @@ from .config import SmoothOutConfig
 from .laws import get_noise_law
 from .noise import typical_relative_noise
 from .selection import SelectedParameter
+
+if TYPE_CHECKING:
+    from .placement import Placement
+    from .plan import Slot
 
 _SEED_LIMIT = 2**64
 
@@ -130,3 +135,97 @@ def validate_state(state: Any) -> None:
                 f"Not a valid SmoothOut state: {name}={value!r} (must be an integer >= 0"
                 f"{' and < 2**64' if limit else ''})."
             )
+
+
+# ---------------------------------------------------------------------------------------------- bindings
+def replaced_slot(slots: Sequence[Slot]) -> Slot | None:
+    """The first slot whose parameter object is no longer the one its module holds, else ``None``."""
+    for slot in slots:
+        if slot.module is not None and slot.module._parameters.get(slot.local_name) is not slot.param:
+            return slot
+    return None
+
+
+def check_not_replaced(slots: Sequence[Slot]) -> None:
+    """Refuse a selected parameter object that was replaced in its module after the engine was built."""
+    replaced = replaced_slot(slots)
+    if replaced is not None:
+        raise RuntimeError(
+            f"SmoothOut: the model's parameter {replaced.name!r} was replaced by a different Parameter object "
+            "after this engine was built (e.g. load_state_dict(..., assign=True), or assigning "
+            "module.weight = nn.Parameter(...)). The engine would perturb the old object, which no longer "
+            "takes part in the forward pass. Build a new SmoothOut(model, config) after replacing "
+            "parameters (and a new optimizer, which holds the old objects too)."
+        )
+
+
+def storage_changed(slots: Sequence[Slot], placement: Placement) -> bool:
+    """Whether a parameter's values moved to other storage, shape, dtype, device or strides since the plan."""
+    for slot in slots:
+        data, live = slot.data, placement.live(slot.param)
+        if (
+            live.data_ptr() != data.data_ptr()
+            or live.shape != data.shape
+            or live.dtype != data.dtype
+            or live.device != data.device
+            or live.stride() != data.stride()
+        ):
+            return True
+    return False
+
+
+def versions(slots: Sequence[Slot], placement: Placement) -> list[int]:
+    """Version counters of the tensors holding the selected weights (bumped by every in-place write)."""
+    return [placement.live(slot.param)._version for slot in slots]
+
+
+def written_slot(
+    slots: Sequence[Slot], placement: Placement, since: Sequence[int], moved: Collection[int]
+) -> str | None:
+    """The first weight (not in ``moved``) written in place since the version counters ``since`` were taken."""
+    if len(since) != len(slots):
+        return None
+    for slot, version in zip(slots, since, strict=True):
+        if id(slot) not in moved and placement.live(slot.param)._version != version:
+            return slot.name
+    return None
+
+
+def untouched_since(slots: Sequence[Slot], placement: Placement, since: Sequence[int]) -> bool:
+    """Whether no selected weight was written, re-bound or replaced since ``since`` was taken."""
+    if replaced_slot(slots) is not None or len(since) != len(slots):
+        return False
+    for slot, version in zip(slots, since, strict=True):
+        live = placement.live(slot.param)
+        if live.data_ptr() != slot.data.data_ptr() or live._version != version:
+            return False
+    return True
+
+
+def moved_slots(
+    slots: Sequence[Slot], placement: Placement, expected: Callable[[Slot], torch.Tensor]
+) -> dict[int, tuple[Slot, torch.Tensor, bool]]:
+    """Parameters no longer on the storage ``expected(slot)`` names (a wrapper moved them while noisy):
+    ``id(slot) -> (slot, live tensor, recoverable)``, where recoverable means the new storage holds exactly the
+    noisy values (checked before anything is restored)."""
+    moved: dict[int, tuple[Slot, torch.Tensor, bool]] = {}
+    for slot in slots:
+        live, want = placement.live(slot.param), expected(slot)
+        if live.numel() and live.data_ptr() != want.data_ptr():
+            same = live.shape == want.shape and live.dtype == want.dtype and live.device == want.device
+            live_data = live.data if isinstance(live, nn.Parameter) else live
+            moved[id(slot)] = (slot, live_data, same and bool(torch.equal(live_data, want)))
+    return moved
+
+
+def all_finite(tensors: Sequence[torch.Tensor], placement: Placement) -> bool:
+    """Whether every tensor is finite (one max-abs reduction per tensor, one sync per device), as all ranks agree."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.numel():  # a shard may hold no rows (a 2-row head over 4 ranks): nothing to check there
+            by_device.setdefault(tensor.device, []).append(tensor)
+    finite = True
+    for group in by_device.values():
+        peaks = torch._foreach_norm(group, ord=math.inf)
+        finite = finite and bool(torch.stack([p.float() for p in peaks]).isfinite().all())
+    return placement.agree(finite, tensors[0].device) if tensors else finite

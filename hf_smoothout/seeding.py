@@ -105,6 +105,45 @@ def seeded_generator(
     return generator
 
 
+@dataclass(frozen=True)
+class DrawKey:
+    """What one noise draw's numbers are a function of: the run's seed, the drawing rank, the draw index and the
+    distribution. Every engine stream and row block is seeded from it (the regenerate restore, `resume` and a
+    prefetched draw rebuild the same numbers from the same key).
+
+    Example:
+        >>> key = DrawKey(base_seed=7, rank=0, draw=3, distribution="uniform")
+        >>> key.stream_seed(2) == derive_seed(7, 0, ENGINE_STREAMS.id(2), 3)
+        True
+        >>> key.row_block_seed(1) == DrawKey(7, 5, 3, "uniform").row_block_seed(1)  # row blocks: rank-free
+        True
+    """
+
+    base_seed: int
+    rank: int
+    draw: int
+    distribution: str
+
+    def stream_seed(self, stream_id: int) -> int:
+        """Seed of engine stream ``stream_id`` for this draw."""
+        return derive_seed(self.base_seed, self.rank, ENGINE_STREAMS.id(stream_id), self.draw)
+
+    def row_block_seed(self, index: int) -> int:
+        """Seed of the global row blocks of the ``index``-th selected parameter (no rank: any shard count)."""
+        return derive_seed(self.base_seed, 0, ROW_BLOCK_STREAMS.id(index), self.draw)
+
+    def generator(
+        self,
+        stream_id: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        reuse: torch.Generator | np.random.Generator | None = None,
+    ) -> torch.Generator | np.random.Generator:
+        """Stream ``stream_id``'s generator seeded for this draw (``reuse``: a torch generator to re-seed)."""
+        torch_generator = reuse if isinstance(reuse, torch.Generator) else None
+        return seeded_generator(self.stream_seed(stream_id), device, dtype, self.distribution, torch_generator)
+
+
 ROW_BLOCK_ELEMENTS = 1 << 18
 """Elements per block of global rows in `draw_row_blocks_` (at least one row per block)."""
 

@@ -71,9 +71,9 @@ def assert_params_equal(model: nn.Module, reference: dict[str, torch.Tensor]) ->
 @pytest.fixture
 def draw_on_workers(monkeypatch):
     """Exercise the engine's worker-thread paths on models below its own size threshold for them (4M weights)."""
-    import hf_smoothout.engine as engine_module
+    import hf_smoothout.plan as plan_module
 
-    monkeypatch.setattr(engine_module, "_MIN_PARALLEL_ELEMENTS", 1 << 20)
+    monkeypatch.setattr(plan_module, "MIN_PARALLEL_ELEMENTS", 1 << 20)
 
 
 @pytest.fixture

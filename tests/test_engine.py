@@ -50,13 +50,13 @@ def test_double_perturb_is_refused(tiny_model):
 @pytest.mark.parametrize("restore", ["copy", "swap"])
 @pytest.mark.parametrize("adapt", ADAPT_MODES)
 def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch, adapt, restore):
-    import hf_smoothout.engine as engine_module
+    import hf_smoothout.noise as noise_module
 
     engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.5, adapt=adapt, restore=restore, seed=0))
     clean = clone_params(tiny_model)
     storage = {n: p.data_ptr() for n, p in tiny_model.named_parameters()}
     calls = {"n": 0}
-    real = engine_module.draw_
+    real = noise_module.draw_
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -64,7 +64,7 @@ def test_failure_while_drawing_leaves_weights_clean(tiny_model, monkeypatch, ada
             raise MemoryError("simulated")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "draw_", flaky)
+    monkeypatch.setattr(noise_module, "draw_", flaky)
     with pytest.raises(MemoryError):
         engine.perturb()
     assert not engine.is_perturbed
@@ -155,11 +155,11 @@ def test_state_dict_round_trip_reproduces_the_noise(tiny_model):
 @pytest.mark.parametrize("restore", ["copy", "regenerate"])
 def test_buffers_are_allocated_once(tiny_model, restore):
     engine = SmoothOut(tiny_model, SmoothOutConfig(strength=0.1, restore=restore, seed=0))
-    pointers = [t.data_ptr() for t in engine._buffers()]
+    pointers = [t.data_ptr() for t in engine.buffers()]
     for step in range(5):
         with engine.perturbed(step):
             pass
-    after = [t.data_ptr() for t in engine._buffers()]
+    after = [t.data_ptr() for t in engine.buffers()]
     assert pointers == after
 
 
@@ -226,10 +226,11 @@ def test_noise_does_not_depend_on_thread_count(restore, adapt):
         engine = SmoothOut(
             model, SmoothOutConfig(strength=0.1, adapt=adapt, restore=restore, seed=4), num_threads=threads
         )
-        cpu_streams = len(engine._streams)
+        info = engine.describe()
+        cpu_streams = info["streams"]
         assert cpu_streams == 2  # 1.3M weights: one stream per 2**20 (a function of the model, not the threads)
-        assert engine._workers == (1 if threads == 1 else min(threads, cpu_streams))
-        assert engine._inline_cpu == (threads == 1)
+        assert info["workers"] == (1 if threads == 1 else min(threads, cpu_streams))
+        assert (info["kernel"] == "inline") == (threads == 1 and restore != "regenerate")
         with engine.perturbed(step=0):
             results.append(clone_params(model))
         if restore != "regenerate":
@@ -244,12 +245,12 @@ def test_noise_does_not_depend_on_thread_count(restore, adapt):
 
 @pytest.mark.parametrize("restore", ["copy", "regenerate"])
 def test_failure_on_a_worker_thread_is_raised_and_undone(monkeypatch, restore):
-    import hf_smoothout.engine as engine_module
+    import hf_smoothout.noise as noise_module
 
     model = _big_model()
     clean = clone_params(model)
     engine = SmoothOut(model, SmoothOutConfig(strength=0.3, restore=restore, seed=0), num_threads=2)
-    real = engine_module.draw_
+    real = noise_module.draw_
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -258,7 +259,7 @@ def test_failure_on_a_worker_thread_is_raised_and_undone(monkeypatch, restore):
             raise MemoryError("simulated on a worker")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "draw_", flaky)
+    monkeypatch.setattr(noise_module, "draw_", flaky)
     with pytest.raises(MemoryError, match="worker"):
         engine.perturb()
     assert not engine.is_perturbed

@@ -24,7 +24,7 @@ from conftest import assert_params_equal, clone_params, make_classification_data
 from test_trainer import model_with_seed, training_args
 from torch import nn
 
-import hf_smoothout.engine as engine_module
+import hf_smoothout.noise as noise_module
 from hf_smoothout import SmoothOut, SmoothOutConfig, SmoothOutTrainer
 from hf_smoothout.engine import NonFiniteNoiseError
 from hf_smoothout.modelcard import atomic_write_text
@@ -104,10 +104,10 @@ def interrupt_while_worker_blocked(blocker: BlockingDraw) -> threading.Thread:
 def test_ctrl_c_while_workers_draw_leaves_clean_weights(monkeypatch):
     model = big_model()
     engine = SmoothOut(model, SmoothOutConfig(strength=0.05, seed=0), num_threads=2)
-    assert engine._workers == 2
+    assert engine.describe()["workers"] == 2
     clean = clone_params(model)
-    blocker = BlockingDraw(engine_module.draw_)
-    monkeypatch.setattr(engine_module, "draw_", blocker)
+    blocker = BlockingDraw(noise_module.draw_)
+    monkeypatch.setattr(noise_module, "draw_", blocker)
     helper = interrupt_while_worker_blocked(blocker)
     with pytest.raises(KeyboardInterrupt):
         engine.perturb()
@@ -123,8 +123,8 @@ def test_ctrl_c_while_workers_regenerate_finishes_the_restore(monkeypatch):
     engine = SmoothOut(model, SmoothOutConfig(strength=0.05, restore="regenerate", seed=0), num_threads=2)
     clean = clone_params(model)
     engine.perturb()
-    blocker = BlockingDraw(engine_module.draw_)
-    monkeypatch.setattr(engine_module, "draw_", blocker)
+    blocker = BlockingDraw(noise_module.draw_)
+    monkeypatch.setattr(noise_module, "draw_", blocker)
     helper = interrupt_while_worker_blocked(blocker)
     with pytest.raises(KeyboardInterrupt):
         engine.restore()  # the interrupt is delivered once the restore is complete

@@ -16,6 +16,7 @@ from test_trainer import model_with_seed, training_args
 from torch import nn
 from transformers import TrainerCallback
 
+import hf_smoothout.restore.copy as copy_restore
 from hf_smoothout import SmoothOut, SmoothOutConfig, SmoothOutTrainer
 from hf_smoothout.noise import NonFiniteNoiseError
 
@@ -249,13 +250,16 @@ def test_a_failure_allocating_the_held_buffers_at_suspend_leaves_clean_weights(m
     engine = SmoothOut(model, SmoothOutConfig(strength=0.1, seed=0, restore="copy"))
     engine.perturb()
 
+    calls = {"n": 0}
+
     def out_of_memory(slot):
+        calls["n"] += 1
         raise torch.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(engine, "_held_buffer", out_of_memory)
+    monkeypatch.setattr(copy_restore, "_held_buffer", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         engine.suspend()
-    assert not engine.is_perturbed
+    assert calls["n"] == 1 and not engine.is_perturbed
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), clean[name]), name
 

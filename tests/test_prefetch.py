@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 from conftest import TinyClassifier, assert_params_equal, clone_params
 
-import hf_smoothout.engine as engine_module
+import hf_smoothout.kernels.prefetched as prefetched_module
+import hf_smoothout.noise as noise_module
 from hf_smoothout import SmoothOut, SmoothOutConfig
 from hf_smoothout.noise import UNIFORM_LEVELS, draw_
 
@@ -49,9 +52,9 @@ def test_prefetch_memory_and_auto_rule(monkeypatch):
     assert always.buffer_bytes - never.buffer_bytes == params - sum(
         p.numel() * p.element_size() for n, p in net.named_parameters() if "norm" in n
     )
-    monkeypatch.setattr(engine_module, "_available_cores", lambda: torch.get_num_threads())
+    monkeypatch.setattr(prefetched_module, "available_cores", lambda: torch.get_num_threads())
     assert SmoothOut(net, SmoothOutConfig()).buffer_bytes == never.buffer_bytes  # every core busy: off
-    monkeypatch.setattr(engine_module, "_available_cores", lambda: torch.get_num_threads() + 1)
+    monkeypatch.setattr(prefetched_module, "available_cores", lambda: torch.get_num_threads() + 1)
     assert SmoothOut(net, SmoothOutConfig()).buffer_bytes == always.buffer_bytes
     regenerate = {
         mode: SmoothOut(net, SmoothOutConfig(restore="regenerate", prefetch=mode)) for mode in ("always", "never")
@@ -60,7 +63,7 @@ def test_prefetch_memory_and_auto_rule(monkeypatch):
 
 
 def test_resumed_position_and_a_failed_fill_fall_back_to_a_synchronous_draw(monkeypatch):
-    reference = noise_sequence(SmoothOutConfig(strength=0.05, seed=3, prefetch="never"), draws=6)
+    reference = noise_sequence(SmoothOutConfig(strength=0.05, seed=3, prefetch="never"), draws=7)
     net = model()
     clean = clone_params(net)
     engine = SmoothOut(net, SmoothOutConfig(strength=0.05, seed=3, prefetch="always"))
@@ -71,20 +74,24 @@ def test_resumed_position_and_a_failed_fill_fall_back_to_a_synchronous_draw(monk
         got = {n: p.detach() - clean[n] for n, p in net.named_parameters()}
     assert all(torch.equal(got[n], reference[4][n]) for n in got)
 
-    real = engine_module.draw_
-    calls = {"n": 0}
+    real = noise_module.draw_
+    calls = {"n": 0, "failed": 0}
 
-    def fails_once(*args, **kwargs):
+    def fails_once_in_the_background(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 1:
+        if threading.current_thread() is not threading.main_thread() and not calls["failed"]:
+            calls["failed"] += 1
             raise MemoryError("simulated failure on the background thread")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "draw_", fails_once)
-    engine._prefetcher.start(engine._prefetch_tag(5), engine._prefetch_fill(5))  # replaced by a failing fill
-    with engine.perturbed(5):
+    monkeypatch.setattr(noise_module, "draw_", fails_once_in_the_background)
+    with engine.perturbed(5):  # draw 5 was prefetched (before the patch); draw 6 is prefetched now, and fails
+        pass
+    calls["n"] = 0
+    with engine.perturbed(6):
         got = {n: p.detach() - clean[n] for n, p in net.named_parameters()}
-    assert calls["n"] > 1 and all(torch.equal(got[n], reference[5][n]) for n in got)
+    assert calls["failed"] == 1 and calls["n"] > 0  # the fill failed; draw 6 was drawn again in this thread
+    assert all(torch.equal(got[n], reference[6][n]) for n in got)
     assert_params_equal(net, clean)
 
 

@@ -11,7 +11,7 @@ from test_trainer import model_with_seed, training_args
 from torch import nn
 
 from hf_smoothout import SmoothOut, SmoothOutConfig, SmoothOutTrainer
-from hf_smoothout.restore_choice import resolve_restore, swap_blocker
+from hf_smoothout.restore import resolve_restore, swap_blocker
 
 
 def stack() -> nn.Module:

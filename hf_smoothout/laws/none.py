@@ -34,7 +34,8 @@ class NoneLaw(NoiseLaw):
         """``a * E|u| / rms(w)`` of the median parameter (all-zero tensors, a fresh LoRA B, are left out)."""
         ratios = []
         for p in params:
-            norm = float(torch.linalg.vector_norm(p.detach(), dtype=torch.float32)) if p.numel() else 0.0
+            wide = torch.float32 if p.dtype.itemsize < 4 else None  # fp16/bf16 accumulate in fp32; fp64 stays
+            norm = float(torch.linalg.vector_norm(p.detach(), dtype=wide)) if p.numel() else 0.0
             rms = norm / math.sqrt(p.numel()) if p.numel() else 0.0
             if rms > 0:
                 ratios.append(strength * mean_abs_draw(distribution) / rms)

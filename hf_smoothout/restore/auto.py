@@ -31,8 +31,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import SmoothOutConfig
-from .selection import is_plain_tensor
+from ..config import SmoothOutConfig
+from ..selection import is_plain_tensor
 
 EXACT_RESTORES = frozenset({"auto", "copy", "swap"})
 """Restores that leave the weights bit-identical to a copy restore: switching between them changes no result."""

@@ -1,0 +1,92 @@
+"""The `Placement` protocol: where a selected parameter's values live, and what a back-end needs around a draw.
+
+A placement answers, for one engine: which tensor holds a parameter's values on this rank (`live`), how a
+`Slot` is laid out (`slot`: local shard, global row span, process groups splitting its rows), how a slot's raw
+draw is made (`draw_`: from the stream's generator, or per block of global rows), which rank's noise to draw
+(`noise_rank`), how the ranks agree on a check (`agree`), what it refuses (`check`, `check_layout`) and what it
+installs (`attach`: DeepSpeed's step guard) or requires before a draw (`check_before_perturb`).
+
+Example:
+    >>> from hf_smoothout.placement import get_placement
+    >>> get_placement("local").noise_rank(rank=3, independent_ranks=False)
+    0
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from .. import noise
+from ..plan import Slot
+
+if TYPE_CHECKING:
+    from ..config import SmoothOutConfig
+    from ..plan import Stream
+    from ..seeding import DrawKey
+    from ..selection import SelectedParameter
+
+
+class Placement:
+    """Plain tensors, one whole copy per rank (single process, DDP): the base every placement refines.
+
+    Args:
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+
+    name: ClassVar[str] = "local"
+
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    @classmethod
+    def applies(cls, model: nn.Module, selected: list[SelectedParameter]) -> bool:
+        """Whether this placement describes how ``model``'s ``selected`` parameters are stored."""
+        return True
+
+    def check(self, config: SmoothOutConfig, selected: list[SelectedParameter]) -> None:
+        """Refuse settings this placement cannot run (at construction), with what to do instead."""
+
+    def check_layout(self, model: nn.Module, selected: list[SelectedParameter]) -> None:
+        """Refuse a storage layout this placement cannot perturb exactly (at every (re)allocation)."""
+
+    def attach(self, engine: Any) -> None:
+        """Install what the back-end needs on the engine at construction (DeepSpeed: the step guard)."""
+
+    def check_before_perturb(self, slots: list[Slot], *, step_guarded: bool) -> None:
+        """Refuse to draw when the back-end would undo or corrupt the window (before any weight is written)."""
+
+    def swap_blocker(self) -> str | None:
+        """Why ``restore="auto"`` may never swap under this placement, or ``None``."""
+        return None
+
+    def live(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor that holds ``param``'s values on this rank now (its storage and version counter)."""
+        return param
+
+    def slot(self, selected: SelectedParameter, index: int, *, row_scaled: bool) -> Slot:
+        """The `Slot` of one selected parameter (its buffers are added by `hf_smoothout.plan.build_plan`)."""
+        p = selected.param
+        return Slot(selected.name, p, selected.row_axis, p.data, selected.module, selected.local_name, index=index)
+
+    def noise_rank(self, rank: int, independent_ranks: bool) -> int:
+        """The rank whose noise this process draws: its own with ``independent_ranks``, else rank 0's."""
+        return rank if independent_ranks else 0
+
+    def draw_(self, slot: Slot, out: torch.Tensor, stream: Stream, key: DrawKey) -> None:
+        """Fill ``out`` (the size of ``slot``'s local values) with the slot's raw draw ``u``."""
+        noise.draw_(out, key.distribution, stream.generator)
+
+    def agree(self, flag: bool, device: torch.device) -> bool:
+        """``flag`` as every rank must see it (plain tensors: each rank decides alone)."""
+        return flag
+
+    def split_row_scale(
+        self, slot: Slot, clean: torch.Tensor, draw: torch.Tensor, strength: float, *, normalize: bool = True
+    ) -> torch.Tensor:
+        """The per-row multiplier of a row-scaled law for a slot whose rows are split across ranks."""
+        raise NotImplementedError(f"the {self.name!r} placement never splits a row across ranks")
