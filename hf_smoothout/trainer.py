@@ -22,27 +22,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .adapters.deepspeed import check_deepspeed
 from .adapters.dtensor import fsdp_modules, reshard_
-from .adapters.sharded_checkpoint import SHARDED_STATE_DIR, has_sharded_state, load_sharded_state, save_sharded_state
 from .arguments import SmoothOutArguments
+from .checkpoint import BAD_STATE_ADVICE, NoiseStateCallback, read_noise_state
 from .compat import check_trainer_setup, warn_if_below_resolution
 from .config import SmoothOutConfig
 from .engine import NonFiniteNoiseError, SmoothOut
-from .guards import check_restore_mode, validate_state
+from .guards import check_restore_mode
 from .selection import select_parameters
+from .sharded_resume import ShardedResumeMixin, check_not_only_sharded, sharded_at_load
 
 logger = logging.get_logger(__name__)
 
-STATE_FILE = "smoothout_state_{rank}.pth"
 STRENGTH_LOG_KEY = "smoothout_strength"
 # Without logging_nan_inf_filter, the loss at the noisy weights is checked for finiteness at the first step and
 # whenever the effective strength exceeds this factor times the last checked one.
@@ -159,6 +159,8 @@ class SmoothOutMixin:
         self._smoothout_loss_scaled = False
         self._smoothout_loss_checked = 0.0
         self._smoothout_fsdp_modules: list[Any] = []
+        # The noise position goes into every checkpoint through a callback (on_save runs on every rank).
+        self.add_callback(NoiseStateCallback(self._smoothout_noise_state, lambda: self.args.process_index))
         self._smoothout_armed = False  # training_step runs: compute_loss opens the noise window
         self._smoothout_opened = False
         self._smoothout_loss_inputs: dict[str, Any] | None = None
@@ -360,6 +362,11 @@ class SmoothOutMixin:
         trial = kwargs.get("trial", args[1] if len(args) > 1 else None)
         if trial is not None:
             self._smoothout_start_trial()
+        checkpoint = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if isinstance(checkpoint, bool) and checkpoint:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises its own error
+        if isinstance(checkpoint, str | os.PathLike) and os.path.isdir(checkpoint):
+            self._smoothout_resume(os.fspath(checkpoint))
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -500,147 +507,42 @@ class SmoothOutMixin:
         write_model_card_from_trainer(self, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
-    def _smoothout_sharded_at_load(self) -> bool:
-        return bool(getattr(self, "is_distributed_loading_by_transformers", False))
+    def _smoothout_noise_state(self) -> dict[str, Any] | None:
+        """What `NoiseStateCallback` saves: the engine's noise position (the window is closed at every save)."""
+        if self.smoothout is None:
+            return self._smoothout_pending_state  # resumed but not yet built: carry the loaded position on
+        return self.smoothout.state_dict()
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """The Trainer's checkpoint; for a model sharded at load time (FSDP2 via ``DistributedConfig``, which
-        transformers saves with ``save_only_model=True``) also the sharded model + optimizer + scheduler state,
-        the RNG states and the noise state, so ``train(resume_from_checkpoint=...)`` can continue it."""
-        super()._save_checkpoint(model, trial)
-        if not self._smoothout_sharded_at_load():
-            return
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        save_sharded_state(self.model, self.optimizer, self.lr_scheduler, folder, rank=self.args.process_index)
-        if self.args.save_only_model:  # the Trainer skipped these; resuming needs them
-            self._save_rng_state(folder)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        if not self._smoothout_sharded_at_load():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not has_sharded_state(resume_from_checkpoint):
+    def _smoothout_resume(self, checkpoint: str) -> None:
+        """Continue the noise sequence saved in ``checkpoint`` (called by `train` before the Trainer resumes)."""
+        if sharded_at_load(self) and not isinstance(self, ShardedResumeMixin):
             raise ValueError(
-                f"{resume_from_checkpoint} has no sharded state ({SHARDED_STATE_DIR}/): the model is sharded at load "
-                "time (DistributedConfig), and transformers cannot load its full-weight checkpoint into the shards. "
-                "Resume from a checkpoint written by SmoothOutTrainer/SmoothOutMixin, or start from the saved "
-                "weights with from_pretrained(checkpoint, distributed_config=...) without resume_from_checkpoint."
+                "SmoothOut: this model was sharded at load time (DistributedConfig), and transformers cannot resume "
+                "such a run from its full-weight checkpoint. Add the opt-in ShardedResumeMixin: "
+                "class Resumable(ShardedResumeMixin, SmoothOutTrainer): pass (from hf_smoothout.sharded_resume), "
+                "and train with it from the start so that its checkpoints hold the sharded state."
             )
-        # The model is loaded together with the optimizer in _load_optimizer_and_scheduler (it exists by then).
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is not None and not self._smoothout_sharded_at_load():
+        if not sharded_at_load(self):
             check_not_only_sharded(checkpoint)
-        if checkpoint is None or not self._smoothout_sharded_at_load():
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        load_sharded_state(self.model, self.optimizer, self.lr_scheduler, checkpoint)
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)
-        if self.smoothout is not None:
-            path = os.path.join(output_dir, STATE_FILE.format(rank=self.args.process_index))
-            staging = f"{path}.tmp"
-            torch.save(self.smoothout.state_dict(), staging)
-            os.replace(staging, path)  # a crash leaves the old file or the new one, never half of one
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None or not self.smoothout_config.enabled:
+        if not self.smoothout_config.enabled:
             return
-        rank, world = self.args.process_index, self.args.world_size
-        path = os.path.join(checkpoint, STATE_FILE.format(rank=rank))
-        rank0_path = os.path.join(checkpoint, STATE_FILE.format(rank=0))
-        if not os.path.isfile(path) and os.path.isfile(rank0_path):
-            # More ranks than when saving: every rank has made the same number of draws, and a rank's noise is a
-            # function of (seed, rank, stream, draw), so rank 0's position continues this rank's sequence exactly.
-            path = rank0_path
-        if not os.path.isfile(path):
-            logger.warning(
-                f"No SmoothOut noise state at {path}: resuming with a freshly seeded noise generator, so the "
-                "noise will differ from an uninterrupted run."
-            )
-            return
-        state = read_state_file(path)
-        saved_world = state.get("world_size")
-        sharded = bool(self._smoothout_fsdp_modules) or self._smoothout_sharded_at_load()
-        if isinstance(saved_world, int) and saved_world != world and rank == 0 and sharded:
-            warnings.warn(
-                f"SmoothOut: the checkpoint was written by {saved_world} process(es) and is resumed by {world}. Under "
-                "FSDP2 the noise is one global sample per micro-batch, drawn per block of global rows from seeds "
-                "without the rank, so it continues exactly as with the old shard count.",
-                UserWarning,
-                stacklevel=2,
-            )
-        elif isinstance(saved_world, int) and saved_world != world and rank == 0:
-            warnings.warn(
-                f"SmoothOut: the checkpoint was written by {saved_world} process(es) and is resumed by {world}. Each "
-                "rank continues its own noise sequence (noise depends on seed, rank and draw count)"
-                + (
-                    f"; the sequences of ranks {world}..{saved_world - 1} end here, so each step now averages "
-                    f"{world} noise sample(s) instead of {saved_world}."
-                    if world < saved_world and self.smoothout_config.independent_ranks
-                    else "; the new ranks start their own sequences at the saved draw count."
-                ),
-                UserWarning,
-                stacklevel=2,
-            )
-        if self.smoothout is not None and self.smoothout.model is self.model:
-            self._smoothout_load(self.smoothout, state, path)
-        else:
-            check_state(state, path)
-            self._smoothout_pending_state = state
-
-    def _smoothout_load(self, engine: SmoothOut, state: dict[str, Any], path: str) -> None:
-        try:
-            engine.load_state_dict(state)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err} {_BAD_STATE_ADVICE}") from err
-
-
-def check_not_only_sharded(checkpoint: str) -> None:
-    """Refuse to resume an unsharded model from a checkpoint whose optimizer and scheduler exist only in its sharded
-    state (an FSDP2 run sharded at load, ``save_only_model=True``): the Trainer would restart both silently."""
-    from transformers.trainer import OPTIMIZER_NAME
-
-    if has_sharded_state(checkpoint) and not os.path.isfile(os.path.join(checkpoint, OPTIMIZER_NAME)):
-        raise ValueError(
-            f"{checkpoint} was written by an FSDP2 run sharded at load (DistributedConfig): its optimizer and "
-            f"learning-rate schedule exist only in the sharded state ({SHARDED_STATE_DIR}/), and this run's model is "
-            "not sharded (one process, or fsdp_size=1), so resuming would silently restart both. Resume with the "
-            "model sharded again (from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N)) under "
-            "torchrun, any N > 1), or start from the saved weights with a fresh optimizer: "
-            "from_pretrained(checkpoint) without resume_from_checkpoint."
+        found = read_noise_state(
+            checkpoint,
+            self.args.process_index,
+            self.args.world_size,
+            sharded=bool(self._smoothout_fsdp_modules) or sharded_at_load(self),
+            independent_ranks=self.smoothout_config.independent_ranks,
         )
-
-
-_BAD_STATE_ADVICE = (
-    "Resume from an earlier checkpoint, or delete this file to resume with freshly seeded noise (the noise will "
-    "then differ from an uninterrupted run)."
-)
-
-
-def read_state_file(path: str) -> dict[str, Any]:
-    """Load a ``smoothout_state_<rank>.pth`` file, with an error that names the file when it is unreadable."""
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as err:  # truncated zip, bad pickle, EOF: all mean the same to the user
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise RuntimeError(
-            f"The SmoothOut noise state {path} is unreadable ({type(err).__name__}: {reason}); the checkpoint is "
-            f"corrupt or truncated. {_BAD_STATE_ADVICE}"
-        ) from err
-    check_state(state, path)
-    return state
-
-
-def check_state(state: Any, path: str) -> None:
-    """Raise ``ValueError`` naming ``path`` when ``state`` is not a valid SmoothOut noise state."""
-    try:
-        validate_state(state)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err} {_BAD_STATE_ADVICE}") from err
+        if found is None:
+            return
+        state, path = found
+        if self.smoothout is not None and self.smoothout.model is self.model:
+            try:
+                self.smoothout.load_state_dict(state)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err} {BAD_STATE_ADVICE}") from err
+        else:
+            self._smoothout_pending_state = state
 
 
 class SmoothOutTrainer(SmoothOutMixin, Trainer):

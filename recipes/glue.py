@@ -39,11 +39,16 @@ from recipe_kit.outputs import close_distributed, describe_environment, finish_r
 from recipe_kit.text_data import LABELS_COLUMN, TextData, TextDataRequest, load_text_data
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
+from hf_smoothout.sharded_resume import ShardedResumeMixin
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TASK = "sst2"
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "glue_metric"
 PRIMARY_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
+
+
+class GlueTrainer(ShardedResumeMixin, SmoothOutTrainer):
+    """`SmoothOutTrainer` with the opt-in sharded resume, so ``--fsdp_size N`` runs resume from their checkpoints."""
 
 
 @dataclass
@@ -65,7 +70,8 @@ class ModelArguments:
         metadata={
             "help": "Shard the model over N processes with FSDP2 as transformers loads it "
             "(from_pretrained(distributed_config=DistributedConfig(fsdp_size=N))); launch with torchrun. Checkpoints "
-            "need --save_only_model true; SmoothOutTrainer adds the sharded state that resuming needs."
+            "need --save_only_model true; the recipe's trainer adds the sharded state that resuming needs "
+            "(hf_smoothout.sharded_resume.ShardedResumeMixin)."
         },
     )
 
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metric = evaluate.load(str(METRIC_DIR), config_name=data.metric_config)
 
     mixed = mixed_precision(args) in {"fp16", "bf16"}
-    trainer = SmoothOutTrainer(
+    trainer = GlueTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,

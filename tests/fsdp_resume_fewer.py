@@ -20,6 +20,11 @@ from deepspeed_train import token_data
 from fsdp_train import load
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
+from hf_smoothout.sharded_resume import ShardedResumeMixin
+
+
+class ResumableTrainer(ShardedResumeMixin, SmoothOutTrainer):
+    """The opt-in sharded resume (DistributedConfig)."""
 
 
 def main() -> None:
@@ -28,7 +33,7 @@ def main() -> None:
     model = load(os.path.join(args.output_dir, "tiny_bert"), "transformers", 1)
     model.accepts_loss_kwargs = False
     run_args = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, "fewer"))
-    trainer = SmoothOutTrainer(model, run_args, train_dataset=token_data())
+    trainer = ResumableTrainer(model, run_args, train_dataset=token_data())
     result: dict = {"world_size": run_args.world_size, "error": None, "learning_rates": []}
     try:
         trainer.train(resume_from_checkpoint=checkpoint)

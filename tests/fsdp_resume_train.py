@@ -27,8 +27,13 @@ from replica_checks import write_result_and_shut_down
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
 from hf_smoothout.adapters.sharded_checkpoint import has_sharded_state
+from hf_smoothout.sharded_resume import ShardedResumeMixin
 
 ROUTE = os.environ.get("FSDP_TEST_ROUTE", "transformers")
+
+
+class ResumableTrainer(ShardedResumeMixin, SmoothOutTrainer):
+    """The opt-in sharded resume (DistributedConfig)."""
 
 
 def train(args: SmoothOutTrainingArguments, path: str, out: str, resume: str | None = None):
@@ -38,7 +43,7 @@ def train(args: SmoothOutTrainingArguments, path: str, out: str, resume: str | N
     assert run_args.world_size == 2  # new arguments set the process state up afresh
     if ROUTE == "accelerate":
         emulate_accelerate_fsdp_on_cpu()
-    trainer = SmoothOutTrainer(model, run_args, train_dataset=token_data())
+    trainer = ResumableTrainer(model, run_args, train_dataset=token_data())
     assert trainer.is_fsdp_enabled == (ROUTE == "accelerate")
     trainer.train(resume_from_checkpoint=resume)
     return full_weights(trainer.model), trainer.smoothout.state_dict()["draws"], trainer.state.global_step

@@ -26,10 +26,10 @@ from torch import nn
 
 import hf_smoothout.noise as noise_module
 from hf_smoothout import SmoothOut, SmoothOutConfig, SmoothOutTrainer
+from hf_smoothout.checkpoint import STATE_FILE
 from hf_smoothout.engine import NonFiniteNoiseError
 from hf_smoothout.modelcard import atomic_write_text
 from hf_smoothout.ownership import owner_of
-from hf_smoothout.trainer import STATE_FILE
 
 pytestmark = pytest.mark.usefixtures("draw_on_workers", "python_sigint_handler")
 ROOT = Path(__file__).resolve().parents[1]

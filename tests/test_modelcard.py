@@ -240,3 +240,26 @@ def test_model_index_has_one_result_per_evaluation_split(tmp_path):
         ("validation_mismatched", 0.81),
     ]
     assert "| mismatched accuracy | 0.8100 |" in card
+
+
+def test_the_card_renders_from_the_packaged_template_and_loads_back_as_a_hub_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_smoothout.modelcard import TEMPLATE
+
+    assert TEMPLATE.is_file() and "{{ card_data }}" in TEMPLATE.read_text()
+    card = ModelCard(write_model_card(make_run(tmp_path / "run", 0.01, 0.875)).read_text())
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card.data.eval_results[0].metric_value == 0.875
+    assert "## Training procedure" in card.text and "{{" not in card.text and "{%" not in card.text
+
+
+def test_run_info_keeps_unknown_keys_and_round_trips(tmp_path):
+    from hf_smoothout.modelcard import RunInfo, read_run
+
+    run = make_run(tmp_path / "run", 0.01, 0.875)
+    stored, _ = read_run(run)
+    info = RunInfo.from_dict({**stored, "my_field": [1, 2]})
+    assert info.training["effective_batch_size"] == 256 and info.extra == {"my_field": [1, 2]}
+    assert info.get("training.seed") == 42 and info.get("dataset.missing") is None
+    assert RunInfo.from_dict(info.to_dict()) == info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from transformers import (
 )
 
 from hf_smoothout import SmoothOutConfig, SmoothOutMixin, SmoothOutTrainer, SmoothOutTrainingArguments
-from hf_smoothout.trainer import STATE_FILE
+from hf_smoothout.checkpoint import STATE_FILE
 
 
 @pytest.mark.parametrize("restore", ["copy", "regenerate"])
@@ -65,6 +66,46 @@ def test_resume_without_noise_state_warns_and_differs(tmp_path, caplog):
         resumed.train(resume_from_checkpoint=str(checkpoint))
     assert "No SmoothOut noise state" in caplog.text
     assert not torch.equal(resumed_model.fc1.weight, full_model.fc1.weight)
+
+
+def test_resume_from_true_finds_the_last_checkpoint_and_continues_bit_identically(tmp_path):
+    data = make_classification_data()
+    cfg = SmoothOutConfig(strength=0.2, seed=5)
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    full_model = model_with_seed()
+    SmoothOutTrainer(
+        full_model, training_args(tmp_path / "full", **common), train_dataset=data, smoothout_config=cfg
+    ).train()
+    first = SmoothOutTrainer(
+        model_with_seed(), training_args(tmp_path / "run", **common), train_dataset=data, smoothout_config=cfg
+    )
+    first.train()
+    shutil.rmtree(tmp_path / "run" / "out" / "checkpoint-6")  # as if it stopped after checkpoint-3
+    resumed_model = model_with_seed()
+    resumed = SmoothOutTrainer(
+        resumed_model, training_args(tmp_path / "run", **common), train_dataset=data, smoothout_config=cfg
+    )
+    resumed.train(resume_from_checkpoint=True)  # checkpoint-3, its noise state included
+    assert resumed.smoothout.state_dict()["draws"] == 6
+    assert_params_equal(resumed_model, clone_params(full_model))
+
+
+def test_the_mixin_overrides_no_private_trainer_method():
+    from transformers import Trainer
+
+    private = [n for n in vars(SmoothOutMixin) if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n)]
+    assert private == []  # the opt-in ShardedResumeMixin holds the only private overrides, with their reasons
+
+
+def test_the_noise_state_goes_to_the_checkpoint_of_a_search_trial(tmp_path):
+    from hf_smoothout.checkpoint import checkpoint_folder
+
+    (tmp_path / "run-0" / "checkpoint-4").mkdir(parents=True)
+    assert checkpoint_folder(str(tmp_path), 4) == str(tmp_path / "run-0" / "checkpoint-4")
+    (tmp_path / "checkpoint-4").mkdir()
+    os.utime(tmp_path / "run-0" / "checkpoint-4", (1, 1))  # the older one
+    assert checkpoint_folder(str(tmp_path), 4) == str(tmp_path / "checkpoint-4")
+    assert checkpoint_folder(str(tmp_path), 5) is None
 
 
 def test_arguments_parse_every_config_field(tmp_path):
