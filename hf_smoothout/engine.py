@@ -44,7 +44,7 @@ from .config import SmoothOutConfig
 from .kernels import DrawContext, apply_law, seed_streams, select_kernel
 from .kernels.prefetched import PrefetchedDraws, wants_prefetch
 from .laws import get_noise_law
-from .lora_merged import MergedSpace, adapter_parameter_ids, find_lora_layers
+from .lora_merged import MergedSpace, build_merged_space
 from .noise import NonFiniteNoiseError
 from .ownership import claim, release
 from .placement import detect_placement
@@ -120,7 +120,7 @@ class SmoothOut:
         self._selected: list[SelectedParameter] = select_parameters(model, config)
         self._merged: MergedSpace | None = None
         if config.space == "lora_merged":
-            self._merged = self._build_merged_space()
+            self._merged, self._selected = build_merged_space(model, config, self._selected)
         if config.enabled and config.denoise:
             guards.check_no_forward_writes(self._selected)
         self._placement = detect_placement(model, self._selected, self.rank, self.world_size)
@@ -144,19 +144,6 @@ class SmoothOut:
         self._step_guarded = False  # a DeepSpeed engine's step restores first (guard_deepspeed_step)
         self._placement.attach(self)
         guards.warn_if_implausible_strength(config, self.parameters)
-
-    def _build_merged_space(self) -> MergedSpace | None:
-        selects = self.config.selects_name
-        layers = [layer for layer in find_lora_layers(self.model) if selects(f"{layer.name}.base_layer.weight")]
-        if not layers:
-            raise ValueError(
-                "SmoothOut: space='lora_merged' found no PEFT LoRA Linear layer in the model (or include/exclude "
-                "left none). Wrap the model with peft.get_peft_model(model, LoraConfig(...)) first, or use "
-                "space='trainable'."
-            )
-        adapters = adapter_parameter_ids(layers)
-        self._selected = [s for s in self._selected if id(s.param) not in adapters]
-        return MergedSpace(layers, root=self.model) if self.config.enabled else None
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -419,11 +406,7 @@ class SmoothOut:
                 if not guards.all_finite(noisy, self._placement):
                     bad = (s.name for s, t in zip(plan.slots, noisy, strict=True) if not bool(t.isfinite().all()))
                     first = next(bad, "?")
-                    raise NonFiniteNoiseError(
-                        f"SmoothOut: noise of strength {strength:g} (adapt={self.config.adapt!r}) made finite "
-                        f"weights non-finite (first in {first!r}): the strength is far too "
-                        "large for these weights. Lower it (typical: 1e-3 to 5e-2 with adapt='filter')."
-                    )
+                    raise guards.non_finite_noise_error(strength, self.config.adapt, first)
                 self._checked_strength = strength
 
     def _arm_merged(self, strength: float, *, check_finite: bool) -> None:
@@ -585,23 +568,9 @@ class SmoothOut:
                 elif unrecoverable is None:
                     unrecoverable = slot.name
         if unrecoverable is not None:
-            return RuntimeError(
-                f"SmoothOut: the storage of {unrecoverable!r} was replaced while the weights were perturbed, and its "
-                "new values are no plain copy of the noisy ones (model.to(dtype), .half(), load_state_dict(..., "
-                "assign=True) or p.data = ... between perturb and restore): that noise cannot be removed any more. "
-                "Convert or load the model only while SmoothOut is not perturbed (outside perturbed() and "
-                "training_step)."
-            )
+            return guards.moved_storage_error(unrecoverable)
         if written is not None:
-            return RuntimeError(
-                f"SmoothOut: {written!r} was written while the noise was in the weights (inside the forward or "
-                "backward pass): an optimizer step inside backward (a register_post_accumulate_grad_hook calling "
-                "optimizer.step(), LOMO-style), nn.Embedding(max_norm=...) renormalizing rows, or another in-place "
-                "update. Removing the noise would silently undo or corrupt that write, so SmoothOut stops here, "
-                "the noise removed (with copy or swap the weights are back at their values before the noise and "
-                "that write is lost). Step the optimizer after the "
-                "backward pass, set the embedding's max_norm=None, or leave the parameter out with config.exclude."
-            )
+            return guards.written_in_window_error(written)
         return None
 
     @contextlib.contextmanager
@@ -666,19 +635,7 @@ class SmoothOut:
         if self._perturbed:
             raise RuntimeError("SmoothOut.load_state_dict() while the weights are perturbed; call restore() first.")
         guards.validate_state(state)
-        seed, draws = state["base_seed"], state["draws"]
-        differences = []
-        saved = state.get("config")
-        if isinstance(saved, Mapping):
-            current = self.config.to_dict()
-            for name in SmoothOutConfig.field_names():
-                if name == "seed" or name not in saved or saved[name] == current[name]:
-                    continue
-                if name == "prefetch" or (name == "restore" and {saved[name], current[name]} <= EXACT_RESTORES):
-                    continue  # the same noise and the same weights either way: the run does not change
-                differences.append(f"{name}: {saved[name]!r} -> {current[name]!r}")
-        if self.config.seed is not None and self.config.seed != seed:
-            differences.append(f"seed: {seed!r} -> {self.config.seed!r} (the saved seed {seed} is kept)")
+        differences = guards.state_differences(state, self.config, EXACT_RESTORES)
         if differences:
             warnings.warn(
                 "SmoothOut: resuming a noise state saved with other settings ("
@@ -687,8 +644,7 @@ class SmoothOut:
                 UserWarning,
                 stacklevel=2,
             )
-        self.base_seed = seed
-        self._draws = draws
+        self.base_seed, self._draws = state["base_seed"], state["draws"]
         return differences
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import SmoothOutConfig
 from .laws import get_noise_law
-from .noise import typical_relative_noise
+from .noise import NonFiniteNoiseError, typical_relative_noise
 from .selection import SelectedParameter
 
 if TYPE_CHECKING:
@@ -229,3 +229,56 @@ def all_finite(tensors: Sequence[torch.Tensor], placement: Placement) -> bool:
         peaks = torch._foreach_norm(group, ord=math.inf)
         finite = finite and bool(torch.stack([p.float() for p in peaks]).isfinite().all())
     return placement.agree(finite, tensors[0].device) if tensors else finite
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def non_finite_noise_error(strength: float, adapt: str, name: str) -> NonFiniteNoiseError:
+    """The error of finite weights made non-finite by the noise (``name``: the first such parameter)."""
+    return NonFiniteNoiseError(
+        f"SmoothOut: noise of strength {strength:g} (adapt={adapt!r}) made finite weights non-finite (first in "
+        f"{name!r}): the strength is far too large for these weights. Lower it (typical: 1e-3 to 5e-2 with "
+        "adapt='filter')."
+    )
+
+
+def moved_storage_error(name: str) -> RuntimeError:
+    """The error of a weight whose storage was replaced, by values that are no copy of the noisy ones, while noisy."""
+    return RuntimeError(
+        f"SmoothOut: the storage of {name!r} was replaced while the weights were perturbed, and its "
+        "new values are no plain copy of the noisy ones (model.to(dtype), .half(), load_state_dict(..., "
+        "assign=True) or p.data = ... between perturb and restore): that noise cannot be removed any more. "
+        "Convert or load the model only while SmoothOut is not perturbed (outside perturbed() and "
+        "training_step)."
+    )
+
+
+def written_in_window_error(name: str) -> RuntimeError:
+    """The error of a weight written in place while the noise was in it."""
+    return RuntimeError(
+        f"SmoothOut: {name!r} was written while the noise was in the weights (inside the forward or "
+        "backward pass): an optimizer step inside backward (a register_post_accumulate_grad_hook calling "
+        "optimizer.step(), LOMO-style), nn.Embedding(max_norm=...) renormalizing rows, or another in-place "
+        "update. Removing the noise would silently undo or corrupt that write, so SmoothOut stops here, "
+        "the noise removed (with copy or swap the weights are back at their values before the noise and "
+        "that write is lost). Step the optimizer after the "
+        "backward pass, set the embedding's max_norm=None, or leave the parameter out with config.exclude."
+    )
+
+
+def state_differences(state: Mapping[str, Any], config: SmoothOutConfig, exact_restores: Collection[str]) -> list[str]:
+    """The settings in which a saved noise state (`SmoothOut.state_dict`) differs from ``config`` in a way that
+    changes the run, as ``"field: saved -> current"`` lines (the saved seed is the one kept)."""
+    differences = []
+    saved = state.get("config")
+    if isinstance(saved, Mapping):
+        current = config.to_dict()
+        for name in SmoothOutConfig.field_names():
+            if name == "seed" or name not in saved or saved[name] == current[name]:
+                continue
+            if name == "prefetch" or (name == "restore" and {saved[name], current[name]} <= set(exact_restores)):
+                continue  # the same noise and the same weights either way: the run does not change
+            differences.append(f"{name}: {saved[name]!r} -> {current[name]!r}")
+    seed = state["base_seed"]
+    if config.seed is not None and config.seed != seed:
+        differences.append(f"seed: {seed!r} -> {config.seed!r} (the saved seed {seed} is kept)")
+    return differences

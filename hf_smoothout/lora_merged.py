@@ -470,3 +470,22 @@ class _NoisyBase(torch.autograd.Function):
 def adapter_parameter_ids(layers: list[MergedLayer]) -> set[int]:
     """``id`` of every adapter parameter of ``layers`` (left out of the engine's per-parameter noise)."""
     return {id(p) for layer in layers for p in layer.adapter_parameters()}
+
+
+def build_merged_space(model: nn.Module, config: Any, selected: list[Any]) -> tuple[MergedSpace | None, list[Any]]:
+    """``space="lora_merged"``: the `MergedSpace` over the LoRA layers ``config`` selects (``None`` when the strength
+    is 0) and ``selected`` without the adapters' own parameters (they receive no noise in place).
+
+    Raises:
+        ValueError: when the model has no PEFT LoRA Linear layer that include/exclude leave selected.
+    """
+    layers = [layer for layer in find_lora_layers(model) if config.selects_name(f"{layer.name}.base_layer.weight")]
+    if not layers:
+        raise ValueError(
+            "SmoothOut: space='lora_merged' found no PEFT LoRA Linear layer in the model (or include/exclude "
+            "left none). Wrap the model with peft.get_peft_model(model, LoraConfig(...)) first, or use "
+            "space='trainable'."
+        )
+    adapters = adapter_parameter_ids(layers)
+    remaining = [s for s in selected if id(s.param) not in adapters]
+    return (MergedSpace(layers, root=model) if config.enabled else None), remaining
