@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import statistics
 import sys
 import time
@@ -215,6 +216,12 @@ def main() -> None:
         SmoothOutTrainer,
         SmoothOutConfig(strength=args.strength, noise_every="step"),
     )
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:  # the fused kernel (opt-in)
+        arms["SmoothOut filter/triton"] = (SmoothOutTrainer, SmoothOutConfig(strength=args.strength, kernel="triton"))
+        arms["SmoothOut filter/swap triton"] = (
+            SmoothOutTrainer,
+            SmoothOutConfig(strength=args.strength, restore="swap", kernel="triton"),
+        )
     arms["SAM-style two-pass"] = (SAMStyleTrainer, None)
     if args.lora_r:
         merged = SmoothOutConfig(strength=args.strength, space="lora_merged")

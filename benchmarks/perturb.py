@@ -16,6 +16,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable
@@ -76,6 +77,11 @@ def main() -> None:
         for restore in ("copy", "swap", "regenerate"):
             cfg = SmoothOutConfig(strength=0.01, adapt=adapt, restore=restore, seed=0)
             variants[f"{adapt}/{restore}"] = SmoothOut(model, cfg)
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:  # the fused kernel (opt-in)
+        for adapt in ("filter", "none"):
+            for restore in ("copy", "swap"):
+                cfg = SmoothOutConfig(strength=0.01, adapt=adapt, restore=restore, seed=0, kernel="triton")
+                variants[f"{adapt}/{restore} triton"] = SmoothOut(model, cfg)
     default = SmoothOut(model, SmoothOutConfig(strength=0.01, seed=0))  # restore="auto"
     variants[f"filter/default ({default.restore_mode})"] = default
     engine = variants["filter/copy"]

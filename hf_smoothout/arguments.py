@@ -133,6 +133,13 @@ class SmoothOutArguments:
             "selected weights on CPU when torch leaves a core free."
         },
     )
+    smoothout_kernel: Literal["auto", "inline", "threads", "chunked", "triton"] = field(
+        default="auto",
+        metadata={
+            "help": "auto: the engine's choice (same numbers whatever it picks). triton: the fused counter-based "
+            "GPU kernel (its own random numbers, the same law; opt-in; needs the [gpu] extra)."
+        },
+    )
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)

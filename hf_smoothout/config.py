@@ -24,6 +24,8 @@ RESTORE_MODES = ("auto", "copy", "regenerate", "swap")
 NOISE_EVERY = ("micro_batch", "step")
 SPACES = ("trainable", "lora_merged")
 PREFETCH_MODES = ("auto", "always", "never")
+KERNEL_MODES = ("auto", "inline", "threads", "chunked", "triton")
+"""``"auto"`` and every kernel of `hf_smoothout.kernels.KERNELS` (a test keeps the two in step)."""
 
 Adapt = str  # a name in hf_smoothout.laws.NOISE_LAWS
 Distribution = Literal["uniform", "gaussian"]
@@ -32,6 +34,7 @@ Restore = Literal["auto", "copy", "regenerate", "swap"]
 NoiseEvery = Literal["micro_batch", "step"]
 Space = Literal["trainable", "lora_merged"]
 Prefetch = Literal["auto", "always", "never"]
+Kernel = Literal["auto", "inline", "threads", "chunked", "triton"]
 
 
 _SEED_LIMIT = 2**64
@@ -143,6 +146,10 @@ class SmoothOutConfig:
             +1x selected-parameter memory). ``"auto"``: when the selected weights are on CPU, at most 16.8M
             (64 MiB in fp32), and torch leaves a core free (``torch.get_num_threads()`` below the cores this
             process may use; with every core busy the background thread only competes); ``"always"``; ``"never"``.
+        kernel: how each draw becomes noisy weights (`hf_smoothout.kernels`). ``"auto"``: the engine's choice among
+            the kernels that draw the reference numbers (``inline``, ``threads``, ``chunked``; only speed differs).
+            ``"triton"``: the fused counter-based GPU kernel (one pass per weight, the noise never stored; its own
+            random numbers, the same law), opt-in until checked on a GPU; needs ``triton`` (the ``[gpu]`` extra).
 
     Example:
         >>> SmoothOutConfig(strength=0.005, adapt="none", samples=2).to_dict()["samples"]
@@ -170,6 +177,7 @@ class SmoothOutConfig:
     noise_every: NoiseEvery = "micro_batch"
     space: Space = "trainable"
     prefetch: Prefetch = "auto"
+    kernel: Kernel = "auto"
     _compiled: dict[str, tuple[re.Pattern[str], ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -193,6 +201,7 @@ class SmoothOutConfig:
         _check_choice("noise_every", self.noise_every, NOISE_EVERY)
         _check_choice("space", self.space, SPACES)
         _check_choice("prefetch", self.prefetch, PREFETCH_MODES)
+        _check_choice("kernel", self.kernel, KERNEL_MODES)
         if self.space == "lora_merged" and not self.denoise:
             raise ValueError(
                 "SmoothOutConfig: space='lora_merged' needs denoise=True: merged-space noise is never written into "

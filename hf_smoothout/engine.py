@@ -83,8 +83,8 @@ class SmoothOut:
         world_size: number of processes (same default).
         num_threads: worker threads drawing CPU noise streams in parallel (default:
             ``torch.get_num_threads()``); does not change the noise, only the speed.
-        kernel: the draw-and-apply kernel by name (`hf_smoothout.kernels.KERNELS`); default: the engine's choice.
-            Does not change the noise.
+        kernel: the draw-and-apply kernel by name (`hf_smoothout.kernels.KERNELS`); default: ``config.kernel``
+            (``"auto"``: the engine's choice, which never changes the numbers).
 
     Example:
         >>> from torch import nn
@@ -127,7 +127,7 @@ class SmoothOut:
         self._placement.check(config, self._selected)
         self.base_seed = config.seed if config.seed is not None else torch.initial_seed() % (2**63)
         self.num_threads = num_threads if num_threads is not None else max(1, torch.get_num_threads())
-        self._kernel_name = kernel
+        self._kernel_name = kernel if kernel is not None else (None if config.kernel == "auto" else config.kernel)
         self._runner: StreamRunner[Any] | None = None
         self._prefetch: PrefetchedDraws | None = None
         self._draws = 0  # noise draws so far: the only state a checkpoint needs

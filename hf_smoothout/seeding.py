@@ -52,7 +52,10 @@ MERGED_LAYER_STREAMS = StreamRange("lora_merged", 1 << 32, (1 << 40) - (1 << 32)
 """``space="lora_merged"``: one stream per LoRA layer, by its index in model order."""
 ROW_BLOCK_STREAMS = StreamRange("row_blocks", 1 << 40, 1 << 40)
 """FSDP2 dim-0 shards: global row blocks of a parameter (by its index among the selected), seeded without rank."""
-STREAM_RANGES = (ENGINE_STREAMS, MERGED_LAYER_STREAMS, ROW_BLOCK_STREAMS)
+FUSED_STREAMS = StreamRange("fused", 1 << 41, 1 << 32)
+"""The fused (Triton) kernel: one counter-based stream per selected parameter, by its index; element ``i`` of the
+parameter (in row-major order of its rows) draws from counter ``i`` of that stream."""
+STREAM_RANGES = (ENGINE_STREAMS, MERGED_LAYER_STREAMS, ROW_BLOCK_STREAMS, FUSED_STREAMS)
 
 
 def _splitmix64(x: int) -> int:
@@ -131,6 +134,10 @@ class DrawKey:
     def row_block_seed(self, index: int) -> int:
         """Seed of the global row blocks of the ``index``-th selected parameter (no rank: any shard count)."""
         return derive_seed(self.base_seed, 0, ROW_BLOCK_STREAMS.id(index), self.draw)
+
+    def fused_seed(self, index: int) -> int:
+        """Philox key of the ``index``-th selected parameter for this draw (63 bits: a signed 64-bit argument)."""
+        return derive_seed(self.base_seed, self.rank, FUSED_STREAMS.id(index), self.draw) & ((1 << 63) - 1)
 
     def generator(
         self,

@@ -17,6 +17,10 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through Triton's interpreter, which it picks when its functions are defined:
+    # so before anything imports triton (tests/test_triton_kernel.py; on a GPU, tests/test_cuda.py runs the kernel).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 class TinyClassifier(nn.Module):

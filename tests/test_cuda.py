@@ -248,3 +248,44 @@ def test_lora_merged_space_on_cuda_never_writes_the_base_and_matches_the_hand_gr
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
     for name, grad in hand_gradients(model, noisy, head, data).items():
         torch.testing.assert_close(grads[name].float(), grad.float(), **tolerance, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- the fused kernel
+needs_triton = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("triton") is None, reason="triton is not installed (the [gpu] extra)"
+)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("restore", ["copy", "swap"])
+@pytest.mark.parametrize("adapt", ["filter", "filter_std", "none", "weight"])
+def test_the_triton_kernel_restores_bit_exactly_on_cuda(dtype, restore, adapt):
+    model = MixedModel().to("cuda", dtype)
+    clean = clone_params(model)
+    engine = SmoothOut(model, SmoothOutConfig(strength=0.05, adapt=adapt, restore=restore, seed=0, kernel="triton"))
+    assert engine.describe()["kernel"] == "triton"
+    for step in range(3):
+        with engine.perturbed(step):
+            assert not torch.equal(model.linear.weight, clean["linear.weight"])
+        assert_params_equal(model, clean)
+
+
+@needs_triton
+@pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
+def test_the_triton_kernel_draws_the_filter_law_like_the_torch_path_on_cuda(distribution):
+    ratios = {}
+    for kernel in ("auto", "triton"):
+        model = MixedModel().cuda()
+        clean = clone_params(model)
+        engine = SmoothOut(
+            model, SmoothOutConfig(strength=0.02, adapt="filter", distribution=distribution, seed=0, kernel=kernel)
+        )
+        engine.perturb()
+        for name, dims in (("embedding.weight", (1,)), ("linear.weight", (1,)), ("conv.weight", (1, 2, 3))):
+            noise = dict(model.named_parameters())[name].detach().double() - clean[name].double()
+            ratio = torch.linalg.vector_norm(noise, dim=dims) / torch.linalg.vector_norm(clean[name].double(), dim=dims)
+            torch.testing.assert_close(ratio, torch.full_like(ratio, 0.02), rtol=2e-4, atol=0)
+            ratios[(kernel, name)] = noise
+        engine.restore()
+    assert not torch.equal(ratios[("auto", "linear.weight")], ratios[("triton", "linear.weight")])  # own numbers

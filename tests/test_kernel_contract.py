@@ -1,9 +1,11 @@
 """Contract of the draw-and-apply kernels: every registered kernel draws the same noise for the same key.
 
-Each kernel of `hf_smoothout.kernels.KERNELS` is run, through the public engine (``SmoothOut(..., kernel=name)``),
-on every law x distribution x dtype it supports, against the ``threads`` kernel (the general path) as reference.
-Kernels that keep the clean weights aside must match it bit for bit; in-place kernels write ``w + tau`` into the
-weights themselves and match it up to rounding, and must remove their noise again.
+Each kernel of `hf_smoothout.kernels.KERNELS` that draws the reference numbers is run, through the public engine
+(``SmoothOut(..., kernel=name)``), on every law x distribution x dtype, against the ``threads`` kernel (the general
+path) as reference. Kernels that keep the clean weights aside must match it bit for bit; in-place kernels write
+``w + tau`` into the weights themselves and match it up to rounding, and must remove their noise again. Kernels with
+numbers of their own (the fused Triton kernel) are checked against the law in their own suite
+(``tests/test_triton_kernel.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def noisy_weights(name: str, law: str, distribution: str, dtype: torch.dtype, dr
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
 @pytest.mark.parametrize("law", sorted(NOISE_LAWS))
-@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("name", [name for name, kernel in KERNELS.items() if kernel.reference_numbers])
 def test_every_kernel_draws_the_reference_noise_and_removes_it(name, law, distribution, dtype):
     got, after, clean = noisy_weights(name, law, distribution, dtype)
     reference, _, _ = noisy_weights("threads", law, distribution, dtype)
@@ -68,7 +70,7 @@ def test_a_kernel_that_cannot_run_the_setup_is_refused_with_the_reason(name):
 
 
 def test_an_unknown_kernel_names_the_registered_ones():
-    with pytest.raises(ValueError, match="registered: inline, threads, chunked"):
+    with pytest.raises(ValueError, match="registered: inline, threads, chunked, triton"):
         SmoothOut(nn.Linear(3, 3), SmoothOutConfig(), kernel="fused")
 
 
@@ -90,3 +92,13 @@ def test_worker_threads_draw_what_one_thread_draws():
     for engine in engines:
         engine.restore()
         engine.close()
+
+
+def test_the_config_accepts_every_registered_kernel():
+    from hf_smoothout.config import KERNEL_MODES
+
+    assert set(KERNEL_MODES) == {"auto", *KERNELS}
+
+
+def test_auto_never_chooses_a_kernel_with_numbers_of_its_own():
+    assert all(kernel.reference_numbers for kernel in KERNELS.values() if kernel.automatic)

@@ -7,7 +7,7 @@ kernel draws the same noise as the reference for every law, distribution and res
 
 Example:
     >>> list(KERNELS)
-    ['inline', 'threads', 'chunked']
+    ['inline', 'threads', 'chunked', 'triton']
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from .base import DrawContext, DrawKernel, apply_law, seed_streams
 from .chunked import ChunkedKernel
 from .inline import InlineKernel
 from .threads import ThreadsKernel
+from .triton_fused import TritonKernel
 
-KERNELS: dict[str, type[DrawKernel]] = {cls.name: cls for cls in (InlineKernel, ThreadsKernel, ChunkedKernel)}
+KERNELS: dict[str, type[DrawKernel]] = {
+    cls.name: cls for cls in (InlineKernel, ThreadsKernel, ChunkedKernel, TritonKernel)
+}
 """Every registered kernel by name, in the order `select_kernel` tries them (the fastest that applies first)."""
 
 
@@ -29,14 +32,15 @@ def select_kernel(plan: Plan, restore: RestoreStrategy, requested: str | None = 
         if requested not in KERNELS:
             raise ValueError(f"Unknown kernel {requested!r}; registered: {', '.join(KERNELS)}.")
         if not KERNELS[requested].supports(plan, restore):
+            why = getattr(KERNELS[requested], "why_not", lambda *_: None)(plan, restore)
             raise ValueError(
                 f"SmoothOut: the {requested!r} kernel cannot run restore={restore.name!r} on these parameters "
-                f"(workers={plan.workers}, devices={sorted({s.device.type for s in plan.streams})}); leave kernel "
-                "unset to let the engine choose."
+                f"({why or f'workers={plan.workers}, devices={sorted({s.device.type for s in plan.streams})}'}); "
+                "leave kernel unset (or 'auto') to let the engine choose."
             )
         return KERNELS[requested]()
     for cls in KERNELS.values():
-        if cls.supports(plan, restore):
+        if cls.automatic and cls.supports(plan, restore):
             return cls()
     raise AssertionError("the threads and chunked kernels cover every restore")  # pragma: no cover
 

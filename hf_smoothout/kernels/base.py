@@ -9,7 +9,7 @@ runs): kernels differ in speed, never in the noise (``tests/test_kernel_contract
 Example:
     >>> from hf_smoothout.kernels import KERNELS
     >>> [k.name for k in KERNELS.values()]
-    ['inline', 'threads', 'chunked']
+    ['inline', 'threads', 'chunked', 'triton']
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ class DrawKernel:
     name: ClassVar[str]
     in_place: ClassVar[bool] = False
     """True: draws into a scratch and writes the weights in place (restores without a second buffer)."""
+    reference_numbers: ClassVar[bool] = True
+    """True: draws the reference random numbers (the noise equals any other such kernel's for the same key);
+    False: its own counter-based numbers under the same law (checked by the law, not the numbers)."""
+    automatic: ClassVar[bool] = True
+    """Whether ``kernel="auto"`` may choose it (else only by name)."""
 
     @classmethod
     def supports(cls, plan: Plan, restore: RestoreStrategy) -> bool:

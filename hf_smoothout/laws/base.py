@@ -23,6 +23,10 @@ import torch
 
 from ..noise import ROW_NORM_EPS, row_length, row_norms_
 
+FUSED_FORMS = ("constant", "element", "row_norm", "row_length")
+"""Multipliers of ``u`` a fused kernel knows: ``a``; ``a * w`` element-wise; ``a * ||w_row|| / (||u_row|| + eps)``;
+``a * ||w_row|| / sqrt(n)``."""
+
 
 class NoiseLaw:
     """One noise law. Subclasses set ``name`` and implement `apply_`, `remove_` and `typical_relative`."""
@@ -34,6 +38,9 @@ class NoiseLaw:
     """Whether ``strength`` is relative to the weights (False: an absolute box, compared with the weights' scale)."""
     uses_reference: ClassVar[bool] = True
     """Whether the noise depends on the reference weights (False: the merged space skips building them)."""
+    fused_form: ClassVar[str | None] = None
+    """The law's multiplier of ``u`` in the terms a fused kernel computes in one pass (`FUSED_FORMS`), or ``None``
+    when no fused kernel can run it."""
 
     def apply_(
         self,

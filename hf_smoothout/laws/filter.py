@@ -24,6 +24,7 @@ class FilterLaw(RowScaledLaw):
     """
 
     name = "filter"
+    fused_form = "row_norm"
     normalizes_draw = True
 
     def typical_relative(self, strength: float, distribution: str, params: list[torch.Tensor]) -> float:

@@ -21,6 +21,7 @@ class FilterStdLaw(RowScaledLaw):
     """
 
     name = "filter_std"
+    fused_form = "row_length"
     normalizes_draw = False
 
     def typical_relative(self, strength: float, distribution: str, params: list[torch.Tensor]) -> float:

@@ -20,6 +20,7 @@ class NoneLaw(NoiseLaw):
     """
 
     name = "none"
+    fused_form = "constant"
     relative = False
     uses_reference = False
 

@@ -18,6 +18,7 @@ class WeightLaw(NoiseLaw):
     """
 
     name = "weight"
+    fused_form = "element"
 
     def apply_(self, out, base, draw, strength, *, row_axis=0, buffers=None, reference=None, scale=None):
         if reference is None or reference is base:
