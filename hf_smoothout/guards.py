@@ -96,6 +96,7 @@ def warn_if_implausible_strength(config: SmoothOutConfig, params: list[torch.Ten
         >>> warn_if_implausible_strength(SmoothOutConfig(strength=0.01), [torch.ones(3, 3)])
         False
     """
+    params = [p for p in params if p.is_floating_point()]  # quantized (packed) weights carry no magnitudes
     if not config.enabled or not params:
         return False
     if get_noise_law(config.adapt).relative:

@@ -13,6 +13,10 @@ frozen base weights are therefore bit-identical after every step by construction
 a few buffers the size of the largest LoRA layer, not a copy of the model. The forward and the backward
 each cost one fill of random numbers and two element-wise passes per layer; no matmul is added.
 
+Quantized bases (QLoRA): a bitsandbytes 4-bit (``nf4``, ``fp4``) or 8-bit base weight is dequantized (PEFT's
+``dequantize_bnb_weight``, bitsandbytes' own routine) for each noisy forward and backward pass, so ``W`` is the
+dequantized weight the layer computes with; the packed weight and its quantization state are never written.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -47,6 +51,18 @@ from .noise import NonFiniteNoiseError, draw_, row_norm_shape
 from .seeding import MERGED_LAYER_STREAMS, derive_seed, seeded_generator
 
 _QUANTIZED_MODULES = ("bnb", "gptq", "awq", "hqq", "eetq", "torchao", "aqlm", "inc")
+_BNB_LORA_CLASSES = ("Linear4bit", "Linear8bitLt")  # peft.tuners.lora.bnb: LoRA on bitsandbytes bases (CUDA)
+_BNB_WEIGHTS = ("Params4bit", "Int8Params")  # bitsandbytes' quantized weights, dequantized for the merged space
+
+
+def _is_bnb_lora(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("peft.tuners.lora.bnb") and type(module).__name__ in _BNB_LORA_CLASSES
+
+
+def _is_bnb_quantized(weight: Any) -> bool:
+    return type(weight).__name__ in _BNB_WEIGHTS and not weight.is_floating_point()
+
+
 _ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
@@ -71,10 +87,28 @@ class MergedLayer:
     base: nn.Module  # its base layer (nn.Linear, or transformers' Conv1D with fan_in_fan_out)
     index: int  # position in model order: part of the draw's seed
     row_axis: int  # output axis of base.weight: 0 for nn.Linear ([out, in]), 1 for Conv1D ([in, out])
+    quantized: bool = False  # a bitsandbytes 4-bit or 8-bit base (QLoRA): dequantized for every noisy pass
 
     @property
     def weight(self) -> torch.Tensor:
+        """The base layer's own weight parameter (packed for a quantized base: never written either way)."""
         return self.base.weight
+
+    @property
+    def numel(self) -> int:
+        """Elements of the dense (merged) weight."""
+        if self.quantized:
+            return int(self.base.in_features) * int(self.base.out_features)
+        return self.base.weight.numel()
+
+    def dense_weight(self) -> torch.Tensor:
+        """``W`` in floating point: the weight itself, or for a quantized base a new dequantized tensor (peft's
+        ``dequantize_bnb_weight``: bitsandbytes' own dequantization, what the layer's forward computes with)."""
+        if not self.quantized:
+            return self.base.weight.detach()
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(self.base.weight, state=getattr(self.base, "state", None)).detach()
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The layer's LoRA parameters (they follow the merged-space noise, not the parameter rules)."""
@@ -103,15 +137,14 @@ def find_lora_layers(model: nn.Module) -> list[MergedLayer]:
         if not isinstance(module, lora.LoraLayer):
             continue
         kind = type(module).__name__
-        if type(module) is not lora.Linear:
+        if type(module) is not lora.Linear and not _is_bnb_lora(module):
             quantized = any(word in type(module).__module__ for word in _QUANTIZED_MODULES)
             weight = getattr(getattr(module, "base_layer", None), "weight", None)
             if quantized or (isinstance(weight, torch.Tensor) and not weight.is_floating_point()):
                 raise ValueError(
-                    f"space='lora_merged': {name!r} is a LoRA layer on a quantized base ({kind}, QLoRA-style). "
-                    "Noise in the merged weight space needs the base weight in floating point (W + tau cannot be "
-                    "formed in a 4/8-bit format). Use space='trainable' (noise on the adapters only) for "
-                    "quantized bases, or load the base in bf16/fp32."
+                    f"space='lora_merged': {name!r} is a LoRA layer on a quantized base ({kind}) other than "
+                    "bitsandbytes 4-bit or 8-bit (the formats whose dequantization the merged space uses). Use "
+                    "space='trainable' (noise on the adapters only), load the base with bitsandbytes, or in bf16/fp32."
                 )
             raise ValueError(
                 f"space='lora_merged' supports LoRA on Linear layers (and GPT-2's Conv1D); {name!r} is a {kind}. "
@@ -129,11 +162,12 @@ def find_lora_layers(model: nn.Module) -> list[MergedLayer]:
                 f"space='lora_merged': {name!r} has a sharded (FSDP2/DTensor) base weight, which the merged space "
                 "does not support. Use space='trainable' under FSDP2, or DDP."
             )
-        if not weight.is_floating_point():
+        quantized = _is_bnb_quantized(weight)
+        if not weight.is_floating_point() and not quantized:
             raise ValueError(
-                f"space='lora_merged': {name!r} has a non-floating base weight ({weight.dtype}, a QLoRA-style "
-                "quantized base?). Noise in the merged weight space needs the base weight in floating point. Use "
-                "space='trainable' (noise on the adapters only), or load the base in bf16/fp32."
+                f"space='lora_merged': {name!r} has a non-floating base weight ({weight.dtype}) that is no "
+                "bitsandbytes 4-bit or 8-bit weight. Noise in the merged weight space needs a floating-point or "
+                "bitsandbytes base. Use space='trainable' (noise on the adapters only), or load the base in bf16/fp32."
             )
         if weight.requires_grad:
             raise ValueError(
@@ -148,7 +182,7 @@ def find_lora_layers(model: nn.Module) -> list[MergedLayer]:
                 "effective weight is not W + s*B*A. Use plain LoRA, or space='trainable'."
             )
         row_axis = 1 if getattr(module, "fan_in_fan_out", False) or _is_transformers_conv1d(base) else 0
-        layers.append(MergedLayer(name, module, base, len(layers), row_axis))
+        layers.append(MergedLayer(name, module, base, len(layers), row_axis, quantized))
     return layers
 
 
@@ -190,10 +224,11 @@ class _Scratch:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
-def _merged_weight_(layer: MergedLayer, out: torch.Tensor) -> torch.Tensor:
-    """``W + sum_k s_k B_k A_k`` of the active adapters into the float32 ``out`` (base weight layout)."""
+def _merged_weight_(layer: MergedLayer, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``W + sum_k s_k B_k A_k`` of the active adapters into the float32 ``out`` (base weight layout), ``weight`` being
+    the dense ``W``."""
     module = layer.module
-    out.copy_(layer.weight.detach())
+    out.copy_(weight)
     if module.disable_adapters or module.merged:  # the base weight already is the effective weight
         return out
     for adapter in module.active_adapters:
@@ -330,7 +365,7 @@ class MergedSpace:
 
     @property
     def num_parameters(self) -> int:
-        return sum(layer.weight.numel() for layer in self.layers)
+        return sum(layer.numel for layer in self.layers)
 
     # ------------------------------------------------------------------ the noisy weight
     def _draw(self, layer: MergedLayer, armed: _Armed, like: torch.Tensor) -> torch.Tensor:
@@ -347,7 +382,7 @@ class MergedSpace:
         ``scale`` from an earlier call for the same draw skips the merged-weight norms: the backward pass
         rebuilds exactly the forward's tensor that way.
         """
-        weight = layer.weight.detach()
+        weight = layer.dense_weight()  # a quantized base: dequantized here, freed after this pass
         u = self._draw(layer, armed, weight)
         # float32 bases build W + tau in the merged-weight buffer (its norms are taken by then): 2 buffers, not 3
         role = "merged" if weight.dtype == torch.float32 else "noisy"
@@ -355,7 +390,7 @@ class MergedSpace:
         law = get_noise_law(armed.adapt)  # the engine's own law objects: one implementation for both spaces
         reference = buffers = None
         if law.uses_reference and (scale is None or not law.row_scaled):
-            reference = _merged_weight_(layer, self._scratch.get("merged", weight, torch.float32))
+            reference = _merged_weight_(layer, weight, self._scratch.get("merged", weight, torch.float32))
         if law.row_scaled and scale is None:  # float32 per-row buffers, whatever the base's dtype
             shape = row_norm_shape(weight, layer.row_axis)
             buffers = tuple(torch.empty(shape, device=weight.device, dtype=torch.float32) for _ in range(2))
@@ -389,7 +424,7 @@ class MergedSpace:
         if not armed.check_finite or layer.index in self._checked:
             return
         self._checked.add(layer.index)
-        peak, clean_peak = (torch.linalg.vector_norm(t, ord=math.inf) for t in (noisy, layer.weight.detach()))
+        peak, clean_peak = (torch.linalg.vector_norm(t, ord=math.inf) for t in (noisy, layer.dense_weight()))
         if not bool(torch.isfinite(peak)) and bool(torch.isfinite(clean_peak)):  # reductions: no layer-sized temp
             raise NonFiniteNoiseError(
                 f"SmoothOut: noise of strength {armed.strength:g} (adapt={armed.adapt!r}, space='lora_merged') made "

@@ -296,11 +296,11 @@ def test_refusals_say_what_to_do():
         SmoothOutConfig(space="merged")
 
 
-def test_quantized_base_is_refused():
+def test_a_quantized_base_other_than_bitsandbytes_is_refused():
     model = lora_stack(head=False)
     layer = find_lora_layers(model)[0]
     layer.base.weight = nn.Parameter(torch.zeros(16, 16, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="QLoRA"):
+    with pytest.raises(ValueError, match="no bitsandbytes 4-bit or 8-bit weight"):
         SmoothOut(model, SmoothOutConfig(space="lora_merged"))
 
 
