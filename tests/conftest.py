@@ -128,3 +128,14 @@ def assert_recipe_help(main, description: str, example: str, capsys) -> None:
     assert text.splitlines()[0].startswith("usage: ") and len(text.split("\n\n")[0].splitlines()) == 1
     assert description in text
     assert "examples:" in text and example in text.split("examples:")[1]
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler for the test: a shell starts background jobs (``pytest &``) with SIGINT ignored,
+    and then no ``KeyboardInterrupt`` would ever be raised."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
