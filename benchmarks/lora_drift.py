@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 
 def minilm_linear_weights(layers: int) -> tuple[list[torch.Tensor], str]:

@@ -28,19 +28,16 @@ import copy
 import gc
 import importlib.util
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+
+# the 5x512 batch-norm MLP of the large-batch studies, defined once in study/study_kit/fmnist_common.py
+from study_kit.fmnist_common import KeskarMLP
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hf_smoothout import SmoothOutConfig, SmoothOutTrainer
-
-# the 5x512 batch-norm MLP of the large-batch studies, defined once in study/fmnist_common.py
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "study"))
-from fmnist_common import KeskarMLP
 
 
 class EngineClock:

@@ -27,9 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from recipe_kit.arguments import RunOptions, pin_memory_only_where_it_helps, recipe_parser
 from recipe_kit.batching import plan_from_arguments
 from recipe_kit.errors import RecipeError, run_cli

@@ -36,9 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from recipe_kit import mlp  # noqa: F401  (registers --model_type bn_mlp)
 from recipe_kit.arguments import (
     RunOptions,

@@ -78,7 +78,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -86,13 +85,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from recipe_kit.protocol import MomentumResetCallback  # the recipes' --reset_momentum_each_epoch
 from safetensors.torch import save_file
-from torch import nn
-from transformers import HfArgumentParser, TrainerCallback
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # fmnist_common, also when imported from elsewhere
-
-from fmnist_common import (
+from study_kit.fmnist_common import (
     KeskarMLP,
     MLPStudyOptions,
     TensorExamples,
@@ -105,8 +100,9 @@ from fmnist_common import (
     read_runs,
     sharpness_batches,
 )
-from recipe_kit.protocol import MomentumResetCallback  # the recipes' --reset_momentum_each_epoch
-from stats import mean_std, paired_interval
+from study_kit.stats import mean_std, paired_interval
+from torch import nn
+from transformers import HfArgumentParser, TrainerCallback
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
 from hf_smoothout.analysis import ParameterVector, RandomSubspace

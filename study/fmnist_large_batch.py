@@ -31,7 +31,6 @@ import json
 import math
 import shutil
 import statistics
-import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,13 +38,8 @@ from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
-from transformers import HfArgumentParser
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # fmnist_common, also when imported from elsewhere
-
-import fmnist_common
-from fmnist_common import (
+from study_kit import fmnist_common
+from study_kit.fmnist_common import (
     INTERPOLATION_ALPHAS,
     KeskarMLP,
     MLPStudyOptions,
@@ -60,7 +54,9 @@ from fmnist_common import (
     sharpness_batches,
     stratified_split,
 )
-from stats import mean_std
+from study_kit.stats import mean_std
+from torch import nn
+from transformers import HfArgumentParser
 
 from hf_smoothout import SmoothOutConfig, SmoothOutTrainer, SmoothOutTrainingArguments
 from hf_smoothout.modelcard import markdown_table, write_model_card, write_run_info, write_study_rows

@@ -37,11 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from study_kit.runner import execute, optional_flags, recipe_results
+from study_kit.stats import mean_std, paired_interval
 from transformers import HfArgumentParser
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import execute, optional_flags, recipe_results
-from stats import mean_std, paired_interval
 
 from hf_smoothout.modelcard import markdown_table
 

@@ -26,6 +26,7 @@ ENTRY_POINTS = [
     ["-m", "hf_smoothout.cli"],
     ["-m", "hf_smoothout.cli", "sharpness"],
     ["-m", "hf_smoothout.cli", "landscape"],
+    ["-m", "hf_smoothout.modelcard"],
 ]
 
 

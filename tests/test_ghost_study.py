@@ -375,7 +375,7 @@ def test_study_end_to_end_resumes_and_reports(tmp_path, capsys):
 
 def test_summaries_of_a_diverged_cell_say_so_instead_of_failing():
     """A diverged arm (no de-noising) has NaN sharpness on every seed: the report must still render."""
-    stats = load_script(ROOT / "study" / "stats.py")
+    from study_kit import stats
     assert stats.mean_std([0.9, 0.92], scale=100) == "91.00 ± 1.41"
     assert stats.mean_std([float("nan"), float("nan"), float("nan")]) == "n/a (3 of 3 non-finite)"
     assert stats.mean_std([1.0, float("inf")]) == "n/a (1 of 2 non-finite)"

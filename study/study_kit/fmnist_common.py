@@ -7,7 +7,7 @@
 * :func:`measure_sharpness_of`, :func:`sharpness_batches` -- epsilon-sharpness and top Hessian eigenvalue.
 * :func:`interpolate_models` -- the 1-D interpolation plot between two trained models.
 
-The studies put this folder on ``sys.path`` and ``import fmnist_common``.
+The studies import it as ``study_kit.fmnist_common`` (installed with the package from a checkout).
 
 Example:
     >>> import torch
@@ -31,8 +31,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import EvalPrediction
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 from hf_smoothout.analysis import epsilon_sharpness, hessian_top_eigenvalue, interpolation_landscape, save_landscape
 
