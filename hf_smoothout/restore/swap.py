@@ -4,10 +4,14 @@ and backward pass, then back at its untouched clean tensor (bit-exact, two copy 
 Only where that is proven harmless (`hf_smoothout.restore.auto`): plain CPU tensors owning their whole storage.
 
 Example:
-    >>> from torch import nn
+    >>> import torch
     >>> from hf_smoothout import SmoothOut, SmoothOutConfig
-    >>> SmoothOut(nn.Linear(2, 2), SmoothOutConfig(restore="swap")).restore_mode
-    'swap'
+    >>> layer = torch.nn.Linear(2, 2); clean = layer.weight.data_ptr()
+    >>> with SmoothOut(layer, SmoothOutConfig(restore="swap", strength=0.1)).perturbed():
+    ...     layer.weight.data_ptr() == clean  # the parameter points at the noisy buffer meanwhile
+    False
+    >>> layer.weight.data_ptr() == clean
+    True
 """
 
 from __future__ import annotations
