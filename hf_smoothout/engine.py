@@ -386,8 +386,7 @@ class SmoothOut:
         plan, restore = self._plan, self._restore
         with torch.no_grad():
             check_finite = strength > _FINITE_CHECK_GROWTH * self._checked_strength
-            clean = [slot.data for slot in plan.slots]
-            clean_finite = guards.all_finite(clean, self._placement) if check_finite else False
+            clean_finite = check_finite and guards.all_finite([s.data for s in plan.slots], self._placement)
             restore.before_draw(plan)
             ctx = self._context()
             seed_streams(plan, ctx.key)

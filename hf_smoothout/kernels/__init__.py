@@ -32,7 +32,7 @@ def select_kernel(plan: Plan, restore: RestoreStrategy, requested: str | None = 
         if requested not in KERNELS:
             raise ValueError(f"Unknown kernel {requested!r}; registered: {', '.join(KERNELS)}.")
         if not KERNELS[requested].supports(plan, restore):
-            why = getattr(KERNELS[requested], "why_not", lambda *_: None)(plan, restore)
+            why = KERNELS[requested].why_not(plan, restore)
             raise ValueError(
                 f"SmoothOut: the {requested!r} kernel cannot run restore={restore.name!r} on these parameters "
                 f"({why or f'workers={plan.workers}, devices={sorted({s.device.type for s in plan.streams})}'}); "

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_fused import rows_view
+
 FORM_IDS = {"constant": 0, "element": 1, "row_norm": 2, "row_length": 3}
 APPLY_BLOCK = 1024
 MAX_ROW_BLOCK = 1024
@@ -99,19 +101,6 @@ def _apply_kernel(
         noisy.to(noisy_ptr.dtype.element_ty),
         mask=mask,
     )
-
-
-def rows_view(tensor: torch.Tensor, row_axis: int) -> torch.Tensor | None:
-    """``tensor`` as a 2-D ``[rows, row_len]`` view with its row axis first (no copy), or ``None`` if impossible."""
-    if tensor.ndim == 0:
-        return tensor.view(1, 1)
-    if tensor.ndim == 1:
-        return tensor.view(-1, 1)
-    moved = tensor.movedim(row_axis, 0)
-    try:
-        return moved.view(moved.shape[0], -1)
-    except RuntimeError:  # the other axes cannot be flattened without a copy
-        return None
 
 
 def fused_perturb_(

@@ -79,6 +79,11 @@ class DrawKernel:
         """Whether this kernel can run ``plan`` under ``restore``."""
         raise NotImplementedError
 
+    @classmethod
+    def why_not(cls, plan: Plan, restore: RestoreStrategy) -> str | None:
+        """Why the kernel cannot run ``plan`` under ``restore`` (a short reason), or ``None`` (no reason given)."""
+        return None
+
     def draw_and_apply(self, ctx: DrawContext, strength: float) -> None:
         """Write ``clean + tau`` for every slot (the streams are seeded for ``ctx.key``)."""
         raise NotImplementedError

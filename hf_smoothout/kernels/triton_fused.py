@@ -40,15 +40,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _viewable(tensor: torch.Tensor, row_axis: int) -> bool:
-    if tensor.ndim <= 1:
-        return True
+def rows_view(tensor: torch.Tensor, row_axis: int) -> torch.Tensor | None:
+    """``tensor`` as a 2-D ``[rows, row_len]`` view with its row axis first (no copy), or ``None`` if impossible."""
+    if tensor.ndim == 0:
+        return tensor.view(1, 1)
+    if tensor.ndim == 1:
+        return tensor.view(-1, 1)
     moved = tensor.movedim(row_axis, 0)
     try:
-        moved.view(moved.shape[0], -1)
-    except RuntimeError:
-        return False
-    return True
+        return moved.view(moved.shape[0], -1)
+    except RuntimeError:  # the other axes cannot be flattened without a copy
+        return None
 
 
 class TritonKernel(DrawKernel):
@@ -60,7 +62,6 @@ class TritonKernel(DrawKernel):
 
     @classmethod
     def why_not(cls, plan: Plan, restore: RestoreStrategy) -> str | None:
-        """Why the kernel cannot run ``plan`` under ``restore`` (a short reason), or ``None`` when it can."""
         if not triton_available():
             return "triton is not installed (pip install 'hf-smoothout[gpu]')"
         if not restore.second_buffer:
@@ -75,9 +76,8 @@ class TritonKernel(DrawKernel):
                 return f"{slot.name!r} is {slot.data.dtype}"
             if slot.data.numel() >= 2**31:
                 return f"{slot.name!r} has 2^31 elements or more"
-            if not (
-                _viewable(slot.data, slot.row_axis) and (slot.backup is None or _viewable(slot.backup, slot.row_axis))
-            ):
+            second = slot.backup if slot.backup is not None else slot.data
+            if rows_view(slot.data, slot.row_axis) is None or rows_view(second, slot.row_axis) is None:
                 return f"{slot.name!r} has no [rows, row length] view"
         return None
 
