@@ -14,6 +14,9 @@ directly. The engine owns the **noise window** (`SmoothOut.perturb` to `SmoothOu
 - the guards (`hf_smoothout.guards`, `hf_smoothout.ownership`): re-binding, replaced parameters, writes inside
   the window, finiteness, one engine per parameter.
 
+`hf_smoothout.binding` holds what the seams chose for the weights' current storage, `hf_smoothout.window` the
+transitions of the window (open, suspend, resume, close); this class is their public face.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -40,26 +43,18 @@ from torch import nn
 
 from . import guards
 from .adapters.deepspeed import restore_before_step
+from .binding import Binding
 from .config import SmoothOutConfig
-from .kernels import DrawContext, apply_law, seed_streams, select_kernel
-from .kernels.prefetched import PrefetchedDraws, wants_prefetch
-from .laws import get_noise_law
 from .lora_merged import MergedSpace, build_merged_space
 from .noise import NonFiniteNoiseError
-from .ownership import claim, release
 from .placement import detect_placement
-from .plan import Plan, build_plan, streams_for
-from .restore import EXACT_RESTORES, resolve_restore, strategy_for
+from .plan import streams_for
+from .restore import EXACT_RESTORES
 from .schedules import noise_coefficient
-from .seeding import DrawKey
 from .selection import SelectedParameter, select_parameters
-from .threads import StreamRunner, interrupts_deferred
+from .window import NoiseWindow
 
 __all__ = ["NonFiniteNoiseError", "SmoothOut", "streams_for"]
-
-# A finiteness check of the noisy weights runs at the first perturb and whenever the effective strength
-# exceeds this factor times the last checked one (a handful of checks per run, whatever the schedule).
-_FINITE_CHECK_GROWTH = 2.0
 
 
 def _distributed_rank_and_size() -> tuple[int, int]:
@@ -114,35 +109,29 @@ class SmoothOut:
         self.rank = default_rank if rank is None else int(rank)
         self.world_size = default_world if world_size is None else int(world_size)
         guards.check_restore_mode(config, self.world_size)
-        self.model = model
-        self.config = config
-        self._law = get_noise_law(config.adapt)
+        self.model, self.config = model, config
         self._selected: list[SelectedParameter] = select_parameters(model, config)
         self._merged: MergedSpace | None = None
         if config.space == "lora_merged":
             self._merged, self._selected = build_merged_space(model, config, self._selected)
         if config.enabled and config.denoise:
             guards.check_no_forward_writes(self._selected)
-        self._placement = detect_placement(model, self._selected, self.rank, self.world_size)
-        self._placement.check(config, self._selected)
-        self.base_seed = config.seed if config.seed is not None else torch.initial_seed() % (2**63)
+        placement = detect_placement(model, self._selected, self.rank, self.world_size)
+        placement.check(config, self._selected)
         self.num_threads = num_threads if num_threads is not None else max(1, torch.get_num_threads())
-        self._kernel_name = kernel if kernel is not None else (None if config.kernel == "auto" else config.kernel)
-        self._runner: StreamRunner[Any] | None = None
-        self._prefetch: PrefetchedDraws | None = None
-        self._draws = 0  # noise draws so far: the only state a checkpoint needs
-        self._perturbed = False  # the noise window is open: perturb ran, restore has not
-        self._suspended = False  # ... but the noise is out of the weights (suspend), until resume
-        self._held = False  # while suspended: the second buffers still hold this window's noisy weights
-        self._window: tuple[int, int | None] = (0, None)  # (step, total_steps) the window was opened for
-        self._window_versions: list[int] = []  # version counters of the weights once the noise was in
-        self._suspend_versions: list[int] = []  # ... and once it was out again (suspend)
-        self._noop = False
-        self._current_strength = 0.0
-        self._checked_strength = 0.0  # largest strength whose noisy weights were checked to be finite
-        self._allocate()
-        self._step_guarded = False  # a DeepSpeed engine's step restores first (guard_deepspeed_step)
-        self._placement.attach(self)
+        self._binding = Binding(
+            model,
+            self._selected,
+            config,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_threads=self.num_threads,
+            kernel_name=kernel if kernel is not None else (None if config.kernel == "auto" else config.kernel),
+            placement=placement,
+        )
+        base_seed = config.seed if config.seed is not None else torch.initial_seed() % (2**63)
+        self.window = NoiseWindow(self, self._binding, self._merged, base_seed)
+        placement.attach(self)
         guards.warn_if_implausible_strength(config, self.parameters)
 
     # ------------------------------------------------------------------ introspection
@@ -174,9 +163,14 @@ class SmoothOut:
         return sum(s.param.numel() for s in self._selected) + merged
 
     @property
+    def base_seed(self) -> int:
+        """The seed every draw derives from (``config.seed``, or one drawn from torch's seed; a resumed state's)."""
+        return self.window.base_seed
+
+    @property
     def is_perturbed(self) -> bool:
         """True between ``perturb`` and ``restore``: the noise window is open (also while suspended)."""
-        return self._perturbed
+        return self.window.is_open
 
     @property
     def is_noisy(self) -> bool:
@@ -192,17 +186,17 @@ class SmoothOut:
             >>> so.restore(); so.is_perturbed
             False
         """
-        return self._perturbed and not self._suspended
+        return self.window.is_noisy
 
     @property
     def window_step(self) -> int | None:
         """The ``step`` the open noise window was drawn for (``perturb(step, ...)``), else ``None``."""
-        return self._window[0] if self._perturbed else None
+        return self.window.span[0] if self.window.is_open else None
 
     @property
     def current_strength(self) -> float:
         """Effective strength (``strength * coef(t)``) of the last ``perturb``."""
-        return self._current_strength
+        return self.window.strength
 
     @property
     def buffer_bytes(self) -> int:
@@ -212,7 +206,7 @@ class SmoothOut:
 
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor this engine allocated for the selected parameters (plan buffers and prefetched draws)."""
-        return self._plan.buffers() + (self._prefetch.buffers if self._prefetch is not None else [])
+        return self._binding.buffers()
 
     @property
     def restore_mode(self) -> str:
@@ -224,7 +218,7 @@ class SmoothOut:
             >>> SmoothOut(nn.Linear(2, 2), SmoothOutConfig()).restore_mode
             'swap'
         """
-        return self._restore_name
+        return self._binding.restore_name
 
     def describe(self) -> dict[str, Any]:
         """How this engine runs, as its seams chose: placement, restore, kernel, streams, worker threads, prefetch.
@@ -235,15 +229,16 @@ class SmoothOut:
             >>> info["placement"], info["restore"], info["kernel"], info["streams"], info["workers"], info["prefetch"]
             ('local', 'swap', 'inline', 1, 1, False)
         """
+        bound = self._binding
         return {
-            "placement": self._placement.name,
-            "restore": self._restore_name,
-            "kernel": self._kernel.name,
-            "law": self._law.name,
-            "streams": len(self._plan.streams),
-            "workers": self._plan.workers,
-            "prefetch": self._prefetch is not None,
-            "parameters": len(self._plan.slots),
+            "placement": bound.placement.name,
+            "restore": bound.restore_name,
+            "kernel": bound.kernel.name,
+            "law": bound.law.name,
+            "streams": len(bound.plan.streams),
+            "workers": bound.plan.workers,
+            "prefetch": bound.prefetch is not None,
+            "parameters": len(bound.plan.slots),
             "merged_layers": len(self.merged_layer_names),
             "buffer_bytes": self.buffer_bytes,
         }
@@ -264,47 +259,6 @@ class SmoothOut:
             cfg.schedule, step, total_steps, anneal_index=cfg.anneal_index, tanh_scale=cfg.tanh_scale
         )
 
-    # ------------------------------------------------------------------ layout
-    def _allocate(self) -> None:
-        """(Re)build the plan, restore strategy, kernel and prefetcher for the parameters' current storage."""
-        if self._perturbed:
-            raise RuntimeError("Cannot reallocate SmoothOut buffers while the weights are perturbed.")
-        config, enabled = self.config, self.config.enabled
-        self._placement = detect_placement(self.model, self._selected, self.rank, self.world_size)
-        if enabled:
-            self._placement.check_layout(self.model, self._selected)
-        chosen = {id(sel.param) for sel in self._selected}
-        others = [p for p in self.model.parameters() if id(p) not in chosen] + list(self.model.buffers())
-        others += guards.module_tensor_attributes(self.model)
-        sharded = self._placement.swap_blocker() is not None
-        self._restore_name = resolve_restore(config, [s.param for s in self._selected], sharded=sharded, others=others)
-        self._restore = strategy_for(self._restore_name, denoise=config.denoise)
-        self._plan: Plan = build_plan(
-            self._selected,
-            self._placement,
-            second_buffer=self._restore.second_buffer,
-            row_scaled=self._law.row_scaled,
-            num_threads=self.num_threads,
-            enabled=enabled,
-        )
-        self._kernel = select_kernel(self._plan, self._restore, self._kernel_name)
-        if self._runner is not None:
-            self._runner.close()
-        self._runner = StreamRunner(self._plan.workers)
-        if self._prefetch is not None:
-            self._prefetch.close()
-        self._prefetch = None
-        if enabled and wants_prefetch(self._plan, self._restore, config.prefetch):
-            self._prefetch = PrefetchedDraws(self._plan)
-
-    def _key(self, draw: int | None = None) -> DrawKey:
-        rank = self._placement.noise_rank(self.rank, self.config.independent_ranks)
-        return DrawKey(self.base_seed, rank, self._draws if draw is None else draw, self.config.distribution)
-
-    def _context(self) -> DrawContext:
-        assert self._runner is not None
-        return DrawContext(self._plan, self._restore, self._law, self._key(), self._placement, self._runner)
-
     def guard_deepspeed_step(self, deepspeed_engine: Any) -> None:
         """Make ``deepspeed_engine.step()`` restore the clean weights first.
 
@@ -314,7 +268,7 @@ class SmoothOut:
         engine installs this guard on its own; `SmoothOutTrainer` installs it too.
         """
         restore_before_step(deepspeed_engine, self.restore)
-        self._step_guarded = True
+        self.window.step_guarded = True
 
     @property
     def parameters_replaced(self) -> bool:
@@ -332,7 +286,7 @@ class SmoothOut:
             >>> so.parameters_replaced
             True
         """
-        return guards.replaced_slot(self._plan.slots) is not None
+        return guards.replaced_slot(self._binding.plan.slots) is not None
 
     # ------------------------------------------------------------------ the noise window
     def perturb(self, step: int = 0, total_steps: int | None = None) -> float:
@@ -342,84 +296,9 @@ class SmoothOut:
         perturbed (call ``restore`` first). If drawing fails midway the weights are restored
         before the error propagates.
         """
-        if self._perturbed:
-            raise RuntimeError("SmoothOut.perturb called twice without restore(); the weights are already perturbed.")
         strength = self.strength_at(step, total_steps)
-        self._current_strength = strength
-        self._window = (step, total_steps)
-        self._suspended = self._held = False
-        self._window_versions = []  # set once the noise is in: a failed perturb checks no writes
-        self._noop = strength == 0.0 or (not self._selected and self._merged is None)
-        if self._noop:
-            self._perturbed = True
-            return strength
-        with interrupts_deferred() as interrupt:  # Ctrl-C during perturb: restore, then raise it
-            self._check_bindings()
-            self._placement.check_before_perturb(self._plan.slots, step_guarded=self._step_guarded)
-            claim(self._claimed_parameters(), self)
-            try:
-                self._perturb_claimed(strength)
-            except BaseException:
-                if self._perturbed:
-                    self.restore()
-                else:
-                    release((param for _, param in self._claimed_parameters()), self)
-                raise
-            self._window_versions = guards.versions(self._plan.slots, self._placement)
-            if interrupt.pending:
-                self.restore()
+        self.window.open(strength, step, total_steps)
         return strength
-
-    def _check_bindings(self) -> None:
-        """Re-bind the buffers if a parameter's storage changed; refuse a parameter object that was replaced."""
-        guards.check_not_replaced(self._plan.slots)
-        if guards.storage_changed(self._plan.slots, self._placement):
-            self._allocate()
-
-    def _claimed_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        claimed = [(slot.name, slot.param) for slot in self._plan.slots]
-        if self._merged is not None:
-            claimed += [(f"{layer.name}.base_layer.weight", layer.weight) for layer in self._merged.layers]
-        return claimed
-
-    def _perturb_claimed(self, strength: float) -> None:
-        plan, restore = self._plan, self._restore
-        with torch.no_grad():
-            check_finite = strength > _FINITE_CHECK_GROWTH * self._checked_strength
-            clean_finite = check_finite and guards.all_finite([s.data for s in plan.slots], self._placement)
-            restore.before_draw(plan)
-            ctx = self._context()
-            seed_streams(plan, ctx.key)
-            self._perturbed = True
-            prefetched = self._prefetch.take(ctx.key) if self._prefetch is not None else None
-            if prefetched is not None:
-                apply_law(ctx, strength, prefetched)
-            else:
-                self._kernel.draw_and_apply(ctx, strength)
-            restore.after_apply(plan)  # swap: the forward and backward pass now read the noisy buffers
-            if self._prefetch is not None:  # the next draw, on the background thread, during this forward
-                self._prefetch.start(self._key(self._draws + 1))
-            self._arm_merged(strength, check_finite=check_finite)
-            if clean_finite:
-                noisy = [restore.noisy(slot) for slot in plan.slots]
-                if not guards.all_finite(noisy, self._placement):
-                    bad = (s.name for s, t in zip(plan.slots, noisy, strict=True) if not bool(t.isfinite().all()))
-                    first = next(bad, "?")
-                    raise guards.non_finite_noise_error(strength, self.config.adapt, first)
-                self._checked_strength = strength
-
-    def _arm_merged(self, strength: float, *, check_finite: bool) -> None:
-        if self._merged is not None:
-            key = self._key()
-            self._merged.arm(
-                adapt=self.config.adapt,
-                distribution=key.distribution,
-                strength=strength,
-                base_seed=key.base_seed,
-                rank=key.rank,
-                draw=key.draw,
-                check_finite=check_finite,
-            )
 
     def restore(self) -> None:
         """Remove the noise added by the last ``perturb`` and close the noise window (no-op when not perturbed).
@@ -430,17 +309,7 @@ class SmoothOut:
 
         Raises ``RuntimeError`` (after restoring) when a weight was written inside the window (see `suspend`).
         """
-        if not self._perturbed:
-            return
-        error: RuntimeError | None = None
-        with interrupts_deferred():  # Ctrl-C waits until the weights are clean and the state says so
-            try:
-                if not self._suspended:
-                    error = self._take_noise_out(keep=False)
-            finally:
-                self._close_window()
-        if error is not None:
-            raise error
+        self.window.close()
 
     def suspend(self) -> None:
         """Take the noise out of the weights, bit-exactly as `restore` does, but keep the window open: `resume`
@@ -456,27 +325,7 @@ class SmoothOut:
         ``perturb`` and now (an optimizer step inside backward, ``nn.Embedding(max_norm=...)``): removing the noise
         would silently undo that write.
         """
-        if not self.is_noisy:
-            return
-        error: RuntimeError | None = None
-        with interrupts_deferred():
-            try:
-                error = self._take_noise_out(keep=True)
-            except BaseException:
-                # keep=True fails before touching a weight (allocating the held buffers): remove the noise plainly
-                try:
-                    if self._restore.second_buffer:
-                        self._take_noise_out(keep=False)
-                finally:
-                    self._close_window()
-                raise
-            if error is not None:
-                self._close_window()
-            else:
-                self._suspended = True
-                self._suspend_versions = guards.versions(self._plan.slots, self._placement)
-        if error is not None:
-            raise error
+        self.window.suspend()
 
     def resume(self) -> None:
         """Put the open window's noise back into the weights after `suspend` (no-op unless suspended).
@@ -486,30 +335,7 @@ class SmoothOut:
         from the same draw (the noise is a function of seed, rank, stream and draw, and of the clean weights for
         the per-row laws).
         """
-        if not self._perturbed or not self._suspended:
-            return
-        if self._noop or not self._restore.removes_noise:
-            self._suspended = False
-            return
-        if not (self._held and guards.untouched_since(self._plan.slots, self._placement, self._suspend_versions)):
-            # Draw the same noise again: same draw index, current clean weights.
-            release((param for _, param in self._claimed_parameters()), self)
-            self._perturbed = self._suspended = self._held = False
-            try:
-                self.perturb(*self._window)
-            except BaseException:
-                if not self._perturbed:
-                    self._draws += 1  # the window is gone: its draw counts, as a restore would count it
-                raise
-            return
-        with interrupts_deferred() as interrupt:
-            self._arm_merged(self._current_strength, check_finite=False)  # may refuse: before any weight is written
-            with torch.no_grad():
-                self._restore.put_back(self._plan)
-            self._suspended = False
-            self._window_versions = guards.versions(self._plan.slots, self._placement)
-            if interrupt.pending:
-                self.restore()
+        self.window.resume()
 
     @contextlib.contextmanager
     def noise_suspended(self) -> Iterator[None]:
@@ -535,42 +361,6 @@ class SmoothOut:
         finally:
             if was_noisy:
                 self.resume()
-
-    def _close_window(self) -> None:
-        self._perturbed = self._suspended = self._held = False
-        self._window_versions = []
-        if not self._noop:
-            release((param for _, param in self._claimed_parameters()), self)
-        self._draws += 1
-
-    def _take_noise_out(self, *, keep: bool) -> RuntimeError | None:
-        """Make the weights clean again (bit-exactly with a second buffer); ``keep``: leave the noisy weights in the
-        second buffers for `resume`. Returns the error to raise once the window's state is settled, or ``None``."""
-        if self._merged is not None:
-            self._merged.disarm()  # nothing to undo: merged-space noise never touches a weight
-        if self._noop or not self._restore.removes_noise:
-            return None
-        plan, placement, restore = self._plan, self._placement, self._restore
-        moved = guards.moved_slots(plan.slots, placement, restore.expected)
-        written = guards.written_slot(plan.slots, placement, self._window_versions, moved)
-        unrecoverable: str | None = None
-        with torch.no_grad():
-            ctx = self._context()
-            self._held = restore.take_out(
-                plan, moved, keep=keep, redraw=lambda: self._kernel.remove(ctx, self._current_strength)
-            )
-            # A wrapper that moved a weight to new storage while perturbed, copying it (FSDP2 re-pads a shard
-            # at its first forward): the copy holds exactly the noisy values, so the clean ones go there too.
-            for slot, live, recoverable in moved.values():
-                if recoverable:
-                    live.copy_(slot.data)
-                elif unrecoverable is None:
-                    unrecoverable = slot.name
-        if unrecoverable is not None:
-            return guards.moved_storage_error(unrecoverable)
-        if written is not None:
-            return guards.written_in_window_error(written)
-        return None
 
     @contextlib.contextmanager
     def perturbed(self, step: int = 0, total_steps: int | None = None) -> Iterator[float]:
@@ -607,8 +397,8 @@ class SmoothOut:
         if self.is_noisy:
             raise RuntimeError("SmoothOut.state_dict() while the weights are perturbed; call restore() first.")
         return {
-            "base_seed": self.base_seed,
-            "draws": self._draws + int(self._perturbed),  # a suspended window counts as drawn: restore() closes it
+            "base_seed": self.window.base_seed,
+            "draws": self.window.draws + int(self.window.is_open),  # a suspended window counts: restore() closes it
             "config": self.config.to_dict(),
             "rank": self.rank,
             "world_size": self.world_size,
@@ -631,7 +421,7 @@ class SmoothOut:
             []
             7
         """
-        if self._perturbed:
+        if self.window.is_open:
             raise RuntimeError("SmoothOut.load_state_dict() while the weights are perturbed; call restore() first.")
         guards.validate_state(state)
         differences = guards.state_differences(state, self.config, EXACT_RESTORES)
@@ -643,15 +433,12 @@ class SmoothOut:
                 UserWarning,
                 stacklevel=2,
             )
-        self.base_seed, self._draws = state["base_seed"], state["draws"]
+        self.window.base_seed, self.window.draws = state["base_seed"], state["draws"]
         return differences
 
     def close(self) -> None:
         """Stop the worker threads (the engine still works afterwards; threads restart on demand)."""
-        if self._runner is not None:
-            self._runner.close()
-        if self._prefetch is not None:
-            self._prefetch.close()
+        self._binding.close()
 
     def detach(self) -> None:
         """Remove the merged-space forward wrappers from the model's LoRA layers (``space="lora_merged"``).

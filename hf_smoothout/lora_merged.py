@@ -48,7 +48,7 @@ from torch import nn
 from .adapters.dtensor import is_dtensor
 from .laws import get_noise_law
 from .noise import NonFiniteNoiseError, draw_, row_norm_shape
-from .seeding import MERGED_LAYER_STREAMS, derive_seed, seeded_generator
+from .seeding import MERGED_LAYER_STREAMS, DrawKey, derive_seed, seeded_generator
 
 _QUANTIZED_MODULES = ("bnb", "gptq", "awq", "hqq", "eetq", "torchao", "aqlm", "inc")
 _BNB_LORA_CLASSES = ("Linear4bit", "Linear8bitLt")  # peft.tuners.lora.bnb: LoRA on bitsandbytes bases (CUDA)
@@ -190,12 +190,9 @@ def find_lora_layers(model: nn.Module) -> list[MergedLayer]:
 class _Armed:
     """What the armed forward passes draw: the law, the effective strength and the draw's identity."""
 
+    key: DrawKey
     adapt: str
-    distribution: str
     strength: float
-    base_seed: int
-    rank: int
-    draw: int
     check_finite: bool
 
 
@@ -300,18 +297,8 @@ class MergedSpace:
         return True
 
     # ------------------------------------------------------------------ arming
-    def arm(
-        self,
-        *,
-        adapt: str,
-        distribution: str,
-        strength: float,
-        base_seed: int,
-        rank: int,
-        draw: int,
-        check_finite: bool,
-    ) -> None:
-        """From now on forward passes compute at ``W' + tau`` for draw ``draw``."""
+    def arm(self, key: DrawKey, *, adapt: str, strength: float, check_finite: bool) -> None:
+        """From now on forward passes compute at ``W' + tau`` for the draw ``key``."""
         if not self.attached:
             raise RuntimeError(
                 "SmoothOut: this engine's forward wrappers were removed from the model's LoRA layers (detach(), or "
@@ -339,7 +326,7 @@ class MergedSpace:
                 )
         self._trained = {layer.name: tuple(layer.module.active_adapters) for layer in self.layers}
         self._checked.clear()
-        self._armed = _Armed(adapt, distribution, strength, base_seed, rank, draw, check_finite)
+        self._armed = _Armed(key, adapt, strength, check_finite)
 
     def trains(self, layer: MergedLayer | None) -> bool:
         """Whether ``layer`` now computes with the adapters that were active when the noise was armed (the ones
@@ -370,9 +357,10 @@ class MergedSpace:
     # ------------------------------------------------------------------ the noisy weight
     def _draw(self, layer: MergedLayer, armed: _Armed, like: torch.Tensor) -> torch.Tensor:
         u = self._scratch.get("draw", like, torch.float32)
-        seed = derive_seed(armed.base_seed, armed.rank, MERGED_LAYER_STREAMS.id(layer.index), armed.draw)
-        generator = seeded_generator(seed, u.device, u.dtype, armed.distribution, self._scratch.generator(u.device))
-        return draw_(u, armed.distribution, generator)
+        key = armed.key
+        seed = derive_seed(key.base_seed, key.rank, MERGED_LAYER_STREAMS.id(layer.index), key.draw)
+        generator = seeded_generator(seed, u.device, u.dtype, key.distribution, self._scratch.generator(u.device))
+        return draw_(u, key.distribution, generator)
 
     def noisy_weight(
         self, layer: MergedLayer, armed: _Armed, scale: torch.Tensor | None = None
