@@ -26,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .guards import validate_state
+from .sharded_resume import ShardedResumeMixin, check_not_only_sharded, sharded_at_load
 
 logger = logging.get_logger(__name__)
 
@@ -140,3 +141,30 @@ class NoiseStateCallback(TrainerCallback):
             )
             return
         write_noise_state(noise_state, folder, self._rank())
+
+
+def noise_state_to_resume(trainer: Any, checkpoint: str, *, sharded: bool) -> tuple[dict[str, Any], str] | None:
+    """The noise state a trainer resuming from ``checkpoint`` continues (and the file it came from), or ``None``.
+
+    Refuses first what the Trainer itself could not resume exactly: a model sharded at load without the opt-in
+    `hf_smoothout.sharded_resume.ShardedResumeMixin`, or an unsharded model from a checkpoint whose optimizer exists
+    only in sharded form. ``sharded``: the model's weights are FSDP2 shards (any rank's file continues the sequence).
+    """
+    if sharded_at_load(trainer) and not isinstance(trainer, ShardedResumeMixin):
+        raise ValueError(
+            "SmoothOut: this model was sharded at load time (DistributedConfig), and transformers cannot resume "
+            "such a run from its full-weight checkpoint. Add the opt-in ShardedResumeMixin: "
+            "class Resumable(ShardedResumeMixin, SmoothOutTrainer): pass (from hf_smoothout.sharded_resume), "
+            "and train with it from the start so that its checkpoints hold the sharded state."
+        )
+    if not sharded_at_load(trainer):
+        check_not_only_sharded(checkpoint)
+    if not trainer.smoothout_config.enabled:
+        return None
+    return read_noise_state(
+        checkpoint,
+        trainer.args.process_index,
+        trainer.args.world_size,
+        sharded=sharded or sharded_at_load(trainer),
+        independent_ranks=trainer.smoothout_config.independent_ranks,
+    )

@@ -73,3 +73,30 @@ def warn_if_below_resolution(config: SmoothOutConfig, params: list[torch.Tensor]
         stacklevel=3,
     )
     return True
+
+
+def forward_compute_dtype(trainer: Any) -> torch.dtype | None:
+    """The autocast dtype a Trainer's forward really runs in (accelerate ignores fp16 on CPU), else ``None``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> args = SimpleNamespace(bf16=True, fp16=False)
+        >>> forward_compute_dtype(SimpleNamespace(args=args))
+        torch.bfloat16
+    """
+    accelerator = getattr(trainer, "accelerator", None)
+    mixed = str(getattr(accelerator, "mixed_precision", "no")) if accelerator is not None else "no"
+    if mixed == "no" and accelerator is None:
+        mixed = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "no"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+    if dtype is not None and accelerator is not None and not getattr(accelerator, "native_amp", True):
+        if not getattr(trainer, "_smoothout_told_no_amp", False):
+            warnings.warn(
+                f"mixed precision {mixed!r} is not active on {trainer.args.device.type} (accelerate runs the forward "
+                "in the parameters' dtype there), so SmoothOut's noise is not rounded to it.",
+                UserWarning,
+                stacklevel=2,
+            )
+            trainer._smoothout_told_no_amp = True
+        return None
+    return dtype

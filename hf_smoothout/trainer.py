@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from typing import Any
 
@@ -30,99 +29,23 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .adapters.deepspeed import check_deepspeed
 from .adapters.dtensor import fsdp_modules, reshard_
-from .arguments import SmoothOutArguments
-from .checkpoint import BAD_STATE_ADVICE, NoiseStateCallback, read_noise_state
-from .compat import check_trainer_setup, warn_if_below_resolution
+from .checkpoint import BAD_STATE_ADVICE, NoiseStateCallback, noise_state_to_resume
+from .compat import forward_compute_dtype, warn_if_below_resolution
 from .config import SmoothOutConfig
-from .engine import NonFiniteNoiseError, SmoothOut
-from .guards import check_restore_mode
-from .selection import select_parameters
-from .sharded_resume import ShardedResumeMixin, check_not_only_sharded, sharded_at_load
+from .engine import SmoothOut
+from .loss_check import NoisyLossCheck
+from .trainer_settings import (
+    check_trainer_settings,
+    log_settings_source,
+    resolve_smoothout_config,
+    smoothout_fields,
+    trial_config,
+)
 
 logger = logging.get_logger(__name__)
 
 STRENGTH_LOG_KEY = "smoothout_strength"
-# Without logging_nan_inf_filter, the loss at the noisy weights is checked for finiteness at the first step and
-# whenever the effective strength exceeds this factor times the last checked one.
-_LOSS_CHECK_GROWTH = 2.0
-
-
-def check_selection(model: nn.Module | None, config: SmoothOutConfig) -> None:
-    """Raise ``ValueError`` when an enabled ``config`` selects no trainable parameter of ``model``.
-
-    Example:
-        >>> from torch import nn
-        >>> try:
-        ...     check_selection(nn.Linear(2, 2), SmoothOutConfig(include=["decoder"]))
-        ... except ValueError as err:
-        ...     print(str(err).split(":")[0])
-        SmoothOut selects no trainable parameter
-    """
-    if model is None or not config.enabled or select_parameters(model, config):
-        return
-    everything = dataclasses.replace(config, skip_norm_layers=False, skip_bias=False, include=None, exclude=None)
-    trainable = len(select_parameters(model, everything))
-    named = [name for name, _ in model.named_parameters()]
-    frozen_matches = [name for name, p in model.named_parameters() if not p.requires_grad and config.selects_name(name)]
-    hint = (
-        f" Your patterns only match frozen parameters (e.g. {frozen_matches[0]!r}); frozen parameters never get noise."
-        if frozen_matches and len(frozen_matches) == len([n for n in named if config.selects_name(n)])
-        else ""
-    )
-    raise ValueError(
-        f"SmoothOut selects no trainable parameter: of the model's {len(named)} parameters ({trainable} trainable), "
-        f"none passes include={config.include}, exclude={config.exclude}, skip_norm_layers={config.skip_norm_layers}, "
-        f"skip_bias={config.skip_bias}.{hint} Fix the selection, or set smoothout strength 0 to train without noise."
-    )
-
-
-def resolve_smoothout_config(args: Any, smoothout_config: SmoothOutConfig | None) -> SmoothOutConfig:
-    """The config to use: explicit ``smoothout_config``, else the one in the ``smoothout_*`` fields of ``args``
-    (`SmoothOutArguments`: ``SmoothOutTrainingArguments`` or a config class combined with it), else
-    the defaults; the noise seed falls back to ``args.seed``.
-
-    Raises ``ValueError`` when both name different settings.
-    """
-    from_args = args.to_smoothout_config() if isinstance(args, SmoothOutArguments) else None
-    if smoothout_config is None:
-        config = from_args if from_args is not None else SmoothOutConfig()
-    else:
-        if not isinstance(smoothout_config, SmoothOutConfig):
-            raise TypeError(f"smoothout_config must be a SmoothOutConfig, got {type(smoothout_config).__name__}.")
-        config = smoothout_config
-        if from_args is not None:
-            explicit = dataclasses.replace(config, seed=config.seed if config.seed is not None else args.seed)
-            if explicit.to_dict() != from_args.to_dict():
-                raise ValueError(
-                    "Both smoothout_config and the arguments' smoothout_* fields were given and they "
-                    f"differ ({explicit.to_dict()} vs {from_args.to_dict()}). Pass only one of them."
-                )
-    if config.seed is None:
-        config = dataclasses.replace(config, seed=args.seed)
-    return config
-
-
-def log_settings_source(args: Any, explicit: SmoothOutConfig | None, config: SmoothOutConfig) -> str:
-    """Say where the SmoothOut settings came from (and warn when an arguments class without ``smoothout_*``
-    fields left them at their defaults); returns the message."""
-    if explicit is not None:
-        message = f"SmoothOut settings from smoothout_config=: {config.to_dict()}"
-    elif isinstance(args, SmoothOutArguments):
-        message = f"SmoothOut settings from the {type(args).__name__} smoothout_* fields: {config.to_dict()}"
-    else:
-        message = (
-            f"SmoothOut runs at its default settings (strength {config.strength:g}, adapt={config.adapt!r}): "
-            f"{type(args).__name__} has no smoothout_* fields and no smoothout_config= was given, so "
-            "--smoothout_* flags cannot reach it. Pass smoothout_config=SmoothOutConfig(...), or combine your "
-            "arguments class with hf_smoothout.SmoothOutArguments (@dataclass class MyConfig(SmoothOutArguments, "
-            f"{type(args).__name__}))."
-        )
-        logger.warning(message)
-        return message
-    logger.info(message)
-    return message
 
 
 class SmoothOutMixin:
@@ -141,23 +64,12 @@ class SmoothOutMixin:
         super().__init__(*args, **kwargs)
         self.smoothout_config = resolve_smoothout_config(self.args, smoothout_config)
         log_settings_source(self.args, smoothout_config, self.smoothout_config)
-        if self.smoothout_config.enabled:
-            check_trainer_setup(self)
-            if getattr(self, "is_deepspeed_enabled", False):
-                check_deepspeed(self, self.smoothout_config.samples)
-                if self.smoothout_config.restore == "swap":
-                    raise ValueError(
-                        "SmoothOut restore='swap' is not supported with DeepSpeed: its parameters are views into "
-                        "DeepSpeed's flat buffers, which pointing them at another tensor would cut. Use "
-                        "restore='copy' (bit-exact, restored before DeepSpeed's optimizer step)."
-                    )
-            check_restore_mode(self.smoothout_config, self.args.world_size)
-            check_selection(self.model, self.smoothout_config)
+        check_trainer_settings(self, self.smoothout_config)
         self.smoothout: SmoothOut | None = None
         self._smoothout_pending_state: dict[str, Any] | None = None
         self._smoothout_samples_in_flight = 1
         self._smoothout_loss_scaled = False
-        self._smoothout_loss_checked = 0.0
+        self._smoothout_loss_check = NoisyLossCheck()
         self._smoothout_fsdp_modules: list[Any] = []
         # The noise position goes into every checkpoint through a callback (on_save runs on every rank).
         self.add_callback(NoiseStateCallback(self._smoothout_noise_state, lambda: self.args.process_index))
@@ -166,9 +78,7 @@ class SmoothOutMixin:
         self._smoothout_loss_inputs: dict[str, Any] | None = None
         self._smoothout_trial_pending = False
         self._smoothout_config_at_init = self.smoothout_config
-        self._smoothout_args_at_init = (
-            self.args.to_smoothout_config().to_dict() if isinstance(self.args, SmoothOutArguments) else {}
-        )
+        self._smoothout_args_at_init = smoothout_fields(self.args)
         # Buffers and plausibility warnings now, not at the first step; except under accelerate's FSDP plugin,
         # which shards the model only inside train (now it may be whole on every rank, or on the meta device).
         if self.smoothout_config.enabled and self.model is not None and not getattr(self, "is_fsdp_enabled", False):
@@ -207,7 +117,7 @@ class SmoothOutMixin:
             )
             if engine.num_parameters == 0 and self.smoothout_config.enabled:
                 logger.warning("SmoothOut selected no parameters: check include/exclude and skip_* settings.")
-            compute_dtype = self._smoothout_compute_dtype()
+            compute_dtype = forward_compute_dtype(self)
             params = engine.parameters
             low = {p.dtype for p in params} & {torch.bfloat16, torch.float16}
             dtype = compute_dtype or (min(low, key=str) if low else None)
@@ -222,23 +132,6 @@ class SmoothOutMixin:
             if wrapper is not None:  # exists once accelerate has prepared the model (inside train)
                 self.smoothout.guard_deepspeed_step(wrapper.engine)
         return self.smoothout
-
-    def _smoothout_compute_dtype(self) -> torch.dtype | None:
-        """The autocast dtype the forward really runs in (accelerate ignores fp16 on CPU), else ``None``."""
-        accelerator = getattr(self, "accelerator", None)
-        mixed = str(getattr(accelerator, "mixed_precision", "no")) if accelerator is not None else "no"
-        if mixed == "no" and accelerator is None:
-            mixed = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
-        if dtype is not None and accelerator is not None and not getattr(accelerator, "native_amp", True):
-            if not getattr(self, "_smoothout_told_no_amp", False):
-                logger.warning(
-                    f"mixed precision {mixed!r} is not active on {self.args.device.type} (accelerate runs the forward "
-                    "in the parameters' dtype there), so SmoothOut's noise is not rounded to it."
-                )
-                self._smoothout_told_no_amp = True
-            return None
-        return dtype
 
     # ------------------------------------------------------------------ the step
     # The noise window: `training_step` arms it, `compute_loss` opens it (perturb, or resume a step-mode window)
@@ -324,7 +217,15 @@ class SmoothOutMixin:
                 "your training_step override (as Trainer.training_step does)."
             )
         prepared, self._smoothout_loss_inputs = self._smoothout_loss_inputs, None
-        self._smoothout_check_loss(model, prepared, loss, engine.current_strength)
+        assert not engine.is_noisy  # the clean loss is recomputed outside the window
+        self._smoothout_loss_check(
+            loss,
+            strength=engine.current_strength,
+            every_step=bool(getattr(self.args, "logging_nan_inf_filter", True)),
+            clean_loss=None if prepared is None else lambda: self.compute_loss(model, prepared),
+            adapt=self.smoothout_config.adapt,
+            step=self.state.global_step,
+        )
         return loss
 
     def _smoothout_open_window(self) -> None:
@@ -383,64 +284,14 @@ class SmoothOutMixin:
             self.smoothout = None
         self._smoothout_pending_state = None
         self._smoothout_trial_pending = True
-        self._smoothout_loss_checked = 0.0  # the non-finite checks start again for the trial's strengths
-        self._smoothout_told_diverged = False
+        self._smoothout_loss_check.reset()  # the non-finite checks start again for the trial's strengths
 
     def _smoothout_apply_trial(self) -> None:
         if not self._smoothout_trial_pending:
             return
         self._smoothout_trial_pending = False
-        self.smoothout_config = self._smoothout_trial_config()
-        if self.smoothout_config.enabled:
-            check_trainer_setup(self)
-            check_restore_mode(self.smoothout_config, self.args.world_size)
-            check_selection(self.model, self.smoothout_config)
-
-    def _smoothout_trial_config(self) -> SmoothOutConfig:
-        """``smoothout_config`` with the ``smoothout_*`` values the trial changed on ``args`` since construction."""
-        if not isinstance(self.args, SmoothOutArguments):
-            return self.smoothout_config
-        now = self.args.to_smoothout_config().to_dict()
-        changed = {k: v for k, v in now.items() if self._smoothout_args_at_init.get(k) != v}
-        config = dataclasses.replace(self._smoothout_config_at_init, **changed)
-        if changed:
-            logger.info(f"SmoothOut: this trial trains with {changed}.")
-        return config
-
-    def _smoothout_check_loss(
-        self, model: nn.Module, inputs: dict[str, Any] | None, loss: torch.Tensor, strength: float
-    ) -> None:
-        """Refuse a non-finite loss at the noisy weights when the loss at the clean weights is finite.
-
-        Checked every micro-batch when ``logging_nan_inf_filter`` is on (the Trainer reads the loss on the
-        host then anyway, so this adds no synchronization), else at each new peak strength. The clean loss
-        is only computed (one extra forward, no gradient, at the clean weights: the window is closed or
-        suspended by then) when the noisy one is not finite.
-        """
-        every_step = bool(getattr(self.args, "logging_nan_inf_filter", True))
-        if not every_step and strength <= _LOSS_CHECK_GROWTH * self._smoothout_loss_checked:
-            return
-        if bool(torch.isfinite(loss.detach()).all()):
-            self._smoothout_loss_checked = max(self._smoothout_loss_checked, strength)
-            return
-        if inputs is None:
-            return
-        assert self.smoothout is None or not self.smoothout.is_noisy
-        with torch.no_grad():
-            clean = self.compute_loss(model, inputs)
-        if bool(torch.isfinite(clean.detach()).all()):
-            raise NonFiniteNoiseError(
-                f"SmoothOut: the loss at the noisy weights is {loss.item()} while the clean loss is {clean.item():.4g} "
-                f"(strength {strength:g}, adapt={self.smoothout_config.adapt!r}): the noise is far too strong for this "
-                "model. Lower smoothout strength (typical: 1e-3 to 5e-2 with adapt='filter'). The weights are clean."
-            )
-        if not getattr(self, "_smoothout_told_diverged", False):
-            self._smoothout_told_diverged = True
-            logger.warning(
-                f"The loss is non-finite at the clean weights too (step {self.state.global_step}): training has "
-                "diverged, and the Trainer's logging_nan_inf_filter keeps it out of the logged loss. If it began "
-                "with SmoothOut, lower smoothout strength."
-            )
+        self.smoothout_config = trial_config(self.args, self._smoothout_config_at_init, self._smoothout_args_at_init)
+        check_trainer_settings(self, self.smoothout_config)
 
     def compute_loss(
         self,
@@ -515,24 +366,7 @@ class SmoothOutMixin:
 
     def _smoothout_resume(self, checkpoint: str) -> None:
         """Continue the noise sequence saved in ``checkpoint`` (called by `train` before the Trainer resumes)."""
-        if sharded_at_load(self) and not isinstance(self, ShardedResumeMixin):
-            raise ValueError(
-                "SmoothOut: this model was sharded at load time (DistributedConfig), and transformers cannot resume "
-                "such a run from its full-weight checkpoint. Add the opt-in ShardedResumeMixin: "
-                "class Resumable(ShardedResumeMixin, SmoothOutTrainer): pass (from hf_smoothout.sharded_resume), "
-                "and train with it from the start so that its checkpoints hold the sharded state."
-            )
-        if not sharded_at_load(self):
-            check_not_only_sharded(checkpoint)
-        if not self.smoothout_config.enabled:
-            return
-        found = read_noise_state(
-            checkpoint,
-            self.args.process_index,
-            self.args.world_size,
-            sharded=bool(self._smoothout_fsdp_modules) or sharded_at_load(self),
-            independent_ranks=self.smoothout_config.independent_ranks,
-        )
+        found = noise_state_to_resume(self, checkpoint, sharded=bool(self._smoothout_fsdp_modules))
         if found is None:
             return
         state, path = found
