@@ -16,6 +16,7 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import TinyClassifier, make_classification_data
+from golden_hashes import fingerprint
 from replica_checks import replica_facts, write_result_and_shut_down
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
@@ -37,6 +38,7 @@ def main() -> None:
 
     model.register_forward_pre_hook(record)
     clean_start = model.fc1.weight.detach().clone()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = SmoothOutTrainer(model, args, train_dataset=make_classification_data(n=256))
     trainer.train()
 
@@ -48,6 +50,10 @@ def main() -> None:
         "params_changed": not torch.equal(model.fc1.weight.detach(), clean_start),
         "steps": trainer.state.global_step,
         "logged_strength": [h.get("smoothout_strength") for h in trainer.state.log_history if "loss" in h],
+        "golden": {  # rank 0's first noisy weight and the final weights (tests/golden/noise.json)
+            "first_noise": fingerprint({"fc1.weight": first_noisy[0]}, {"fc1.weight": clean_start}),
+            "final": fingerprint(dict(model.named_parameters()), start),
+        },
     }
     del trainer, model
     write_result_and_shut_down(os.path.join(args.output_dir, "ddp_result.json"), result)

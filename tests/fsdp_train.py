@@ -30,6 +30,7 @@ from transformers.distributed import DistributedConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
 from deepspeed_train import token_data
+from golden_hashes import fingerprint
 from replica_checks import write_result_and_shut_down
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
@@ -135,6 +136,7 @@ def main() -> None:
     model.accepts_loss_kwargs = False
     watched = model.get_submodule(watched_name)
     clean_full = full(watched.weight).detach().clone()
+    start = full_weights(model)
     seen: list[torch.Tensor] = []
 
     def record(module, _inputs):
@@ -193,6 +195,10 @@ def main() -> None:
         "unsharded_at_step_begin": check.unsharded_at_step_begin,
         "last_noise_norm": float(last_noise.norm()),
         "steps": trainer.state.global_step,
+        "golden": {  # the gathered first noisy weight and the final weights (tests/golden/noise.json)
+            "first_noise": fingerprint({watched_name: seen[0]}, {watched_name: clean_full}),
+            "final": fingerprint(full_weights(trainer.model), start),
+        },
     }
     del trainer, model
     write_result_and_shut_down(os.path.join(args.output_dir, "fsdp_result.json"), result)

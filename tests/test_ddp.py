@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_launcher
+from test_golden import check, load_golden
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 
@@ -58,3 +59,4 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path, restore):
     assert result["params_identical_across_ranks"]
     assert result["params_changed"]
     assert result["logged_strength"] == [0.3] * 4
+    check(f"ddp2/{restore}", result["golden"], load_golden())  # the same noise and weights as when recorded

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_launcher
+from test_golden import check, load_golden
 
 SCRIPT = Path(__file__).with_name("fsdp_train.py")
 # accelerate's FSDP2 plugin as the Trainer builds it. BERT lists no _no_split_modules, and accelerate's default
@@ -66,6 +67,7 @@ def test_fsdp2_shards_get_the_noise_law_and_are_restored_bit_exactly(tmp_path, m
     assert result["unsharded_at_step_begin"][0]  # the evaluation on start left temporary full weights behind...
     assert result["engine_on_shards_each_step"] == [True] * 4  # ...yet every step perturbed the shards
     assert result["last_noise_norm"] > 0
+    check(f"fsdp2/{model}-{route}", result["golden"], load_golden())  # the same noise and weights as when recorded
 
 
 @pytest.mark.multiprocess

@@ -9,7 +9,6 @@ and say in the commit which hash moved and why.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_classification_data
+from golden_hashes import fingerprint
 from test_trainer import model_with_seed, training_args
 from torch import nn
 
@@ -49,19 +49,6 @@ def characterized_model(dtype: torch.dtype) -> nn.Module:
         }
     )
     return model.to(dtype)
-
-
-def fingerprint(tensors: dict[str, torch.Tensor], clean: dict[str, torch.Tensor]) -> dict[str, object]:
-    digest = hashlib.sha256()
-    total, squares = 0.0, 0.0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous()
-        digest.update(name.encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
-        noise = t.double() - clean[name].double()
-        total += float(noise.sum())
-        squares += float(noise.square().sum())
-    return {"sha256": digest.hexdigest(), "sum": total, "sumsq": squares}
 
 
 def noise_case(adapt: str, distribution: str, restore: str, dtype: str, threads: int) -> dict[str, object]:
