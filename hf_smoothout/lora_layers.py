@@ -2,7 +2,7 @@
 
 `find_lora_layers` walks a model for PEFT LoRA ``Linear`` layers (and GPT-2's ``Conv1D`` bases, and bitsandbytes
 4-bit and 8-bit bases) and refuses, with what to do instead, every layer whose merged weight the merged space could
-not perturb exactly: other layer kinds, other quantization formats, trainable or sharded bases, LoRA variants
+not perturb exactly: other layer kinds, other quantization formats, trainable bases, LoRA variants
 (DoRA). A `MergedLayer` is one such layer: its base weight (dequantized on demand for a quantized base), its
 output-row axis and its adapters.
 
@@ -79,7 +79,9 @@ class MergedLayer:
         """``W`` in floating point: the weight itself, or for a quantized base a new dequantized tensor (peft's
         ``dequantize_bnb_weight``: bitsandbytes' own dequantization, what the layer's forward computes with)."""
         if not self.quantized:
-            return self.base.weight.detach()
+            weight = self.base.weight.detach()
+            # FSDP2: the unsharded weight inside the layer's forward and backward; gathered (collective) elsewhere
+            return weight.full_tensor() if is_dtensor(weight) else weight
         from peft.utils.integrations import dequantize_bnb_weight
 
         return dequantize_bnb_weight(self.base.weight, state=getattr(self.base, "state", None)).detach()
@@ -131,11 +133,6 @@ def find_lora_layers(model: nn.Module) -> list[MergedLayer]:
                 "transformers' Conv1D. Use space='trainable' for this model."
             )
         weight = base.weight
-        if is_dtensor(weight):
-            raise ValueError(
-                f"space='lora_merged': {name!r} has a sharded (FSDP2/DTensor) base weight, which the merged space "
-                "does not support. Use space='trainable' under FSDP2, or DDP."
-            )
         quantized = _is_bnb_quantized(weight)
         if not weight.is_floating_point() and not quantized:
             raise ValueError(

@@ -138,7 +138,11 @@ class NoiseWindow:
 
     def _arm_merged(self, strength: float, *, check_finite: bool) -> None:
         if self.merged is not None:
-            self.merged.arm(self.key(), adapt=self.binding.config.adapt, strength=strength, check_finite=check_finite)
+            # The merged space writes no shard: its ranks follow independent_ranks whatever the placement (FSDP2 too)
+            config = self.binding.config
+            rank = self.binding.rank if config.independent_ranks else 0
+            key = DrawKey(self.base_seed, rank, self.draws, config.distribution)
+            self.merged.arm(key, adapt=config.adapt, strength=strength, check_finite=check_finite)
 
     # ------------------------------------------------------------------ close, suspend, resume
     def close(self) -> None:
