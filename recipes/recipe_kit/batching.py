@@ -9,6 +9,8 @@ Example:
     ...                   lr_scaling="sqrt", reference_batch_size=128)
     >>> plan.effective, round(plan.learning_rate, 4)
     (512, 0.2)
+    >>> scale_learning_rate(0.1, 512, 128, "linear")
+    0.4
 """
 
 from __future__ import annotations
@@ -19,7 +21,25 @@ from typing import Any
 
 from .errors import RecipeError
 
-LR_SCALING_RULES = ("sqrt", "linear", "none")
+LR_SCALING_POWERS = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}
+LR_SCALING_RULES = tuple(LR_SCALING_POWERS)
+
+
+def scale_learning_rate(learning_rate: float, batch: int, reference_batch: int | None, rule: str) -> float:
+    """``learning_rate * (batch / reference_batch) ** power``, power 0.5 (``sqrt``), 1 (``linear``) or 0 (``none``).
+
+    The one large-batch learning-rate rule of the recipes and the studies (``sqrt`` by ``math.sqrt``, correctly
+    rounded; ``none`` needs no reference batch).
+
+    Example:
+        >>> scale_learning_rate(0.1, 4096, 128, "sqrt") == 0.1 * math.sqrt(32)
+        True
+    """
+    power = LR_SCALING_POWERS[rule]
+    if power == 0.0:
+        return float(learning_rate)
+    ratio = batch / reference_batch
+    return float(learning_rate) * (math.sqrt(ratio) if power == 0.5 else ratio**power)
 
 
 @dataclass(frozen=True)
@@ -87,8 +107,7 @@ def plan_batch(
                 f"{learning_rate:g} was tuned for); the authors used the per-device batch."
             )
         _positive_int("--reference_batch_size", reference_batch_size)
-        ratio = effective / reference_batch_size
-        scaled = float(learning_rate) * (math.sqrt(ratio) if lr_scaling == "sqrt" else ratio)
+        scaled = scale_learning_rate(learning_rate, effective, reference_batch_size, lr_scaling)
     return BatchPlan(
         per_device=per_device,
         accumulation=accumulation,

@@ -29,6 +29,26 @@ from hf_smoothout import SmoothOutTrainer
 from .errors import RecipeError
 
 
+def milestone_steps(fractions: list[float], total_steps: float) -> list[int]:
+    """The optimizer steps after which the LR drops: ``round(fraction * total_steps)``, at least step 1 and
+    strictly increasing (two fractions that round to the same step keep two distinct drops).
+
+    The one milestone rule of the recipes and the studies; ``total_steps`` may be fractional (epochs x steps per
+    epoch).
+
+    Example:
+        >>> milestone_steps([0.2, 0.4, 0.6], 50 * 14)  # epochs 10 / 20 / 30 of 50, 14 steps per epoch
+        [140, 280, 420]
+        >>> milestone_steps([0.4, 0.6], 4)  # 1.6 and 2.4 both round to 2
+        [2, 3]
+    """
+    steps: list[int] = []
+    for fraction in fractions:
+        step = max(1, round(fraction * total_steps))
+        steps.append(max(step, steps[-1] + 1) if steps else step)
+    return steps
+
+
 @dataclass
 class ProtocolOptions:
     """Step learning-rate decay and per-epoch momentum reset (the authors' protocol)."""
@@ -57,11 +77,7 @@ class ProtocolOptions:
 
     def milestone_steps(self, num_training_steps: int) -> list[int]:
         """The optimizer steps at which the LR drops (at least step 1, strictly increasing)."""
-        steps: list[int] = []
-        for fraction in self.lr_milestones or []:
-            step = max(1, round(fraction * num_training_steps))
-            steps.append(max(step, steps[-1] + 1) if steps else step)
-        return steps
+        return milestone_steps(self.lr_milestones or [], num_training_steps)
 
     def scheduler(self, optimizer: torch.optim.Optimizer, num_training_steps: int) -> Any:
         return torch.optim.lr_scheduler.MultiStepLR(
