@@ -75,46 +75,57 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from recipe_kit.protocol import MomentumResetCallback  # the recipes' --reset_momentum_each_epoch
-from safetensors.torch import save_file
+from study_kit.chunk_sam import ChunkSAMTrainer
+from study_kit.cost import COST_NOTE, Plan, benchmark, cost_column_note, epoch_seconds_estimate, read_cost
 from study_kit.fmnist_common import (
     KeskarMLP,
     MLPStudyOptions,
     TensorExamples,
-    append_run,
     evaluate_accuracy,
-    interpolate_models,
+    interpolation_lines,
     load_data,
     load_keskar,
-    measure_sharpness_of,
-    read_runs,
-    sharpness_batches,
+    measure_sharpness,
+    save_weights,
 )
-from study_kit.stats import mean_std, paired_interval
+from study_kit.ledger import checkout_commit, read_runs, run_key, run_once
+from study_kit.ledger import run_settings as settings_of
+from study_kit.report import (
+    PAIRED_HEADER,
+    by_seed,
+    cell_summary,
+    gap_share_row,
+    paired_interval_row,
+    plot_mean_curves,
+    section,
+    table_lines,
+    value_label,
+)
+from study_kit.schedule import (
+    lr_rule_formula,
+    milestone_steps,
+    scale_learning_rate,
+    step_scheduler,
+    update_steps_per_epoch,
+)
+from study_kit.subspace_box import subspace_box_comparison, subspace_box_note
+from study_kit.sweep import SweepState, point_label, run_sweep, sweep_state
+from study_kit.training import EpochRecorder, study_training_arguments
 from torch import nn
 from transformers import HfArgumentParser, TrainerCallback
 
-from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
-from hf_smoothout.analysis import ParameterVector, RandomSubspace
-from hf_smoothout.modelcard import markdown_table
+from hf_smoothout import SmoothOutTrainer
 
-SAM_EPS = 1e-12
-"""Added to the gradient norm in the SAM perturbation ``rho * g / (||g|| + eps)``."""
-"""The library field the ``ada_draw_step`` ablation needs (value ``"step"``); absent so far."""
-COST_NOTE = (
-    "Cost measurements are only valid when nothing else runs on the machine (other processes share the cores "
-    "and inflate some arms more than others)."
-)
 # Rough seconds per epoch on 2 CPU cores with the full 55,000 training examples (timing pilot on a shared
 # machine); used by --stage plan only until runs of the same arm have finished.
 PILOT_EPOCH_SECONDS = {
@@ -126,6 +137,7 @@ PILOT_EPOCH_SECONDS = {
     "small_noise": 9.0,
 }
 PILOT_MEASURE_SECONDS = 80.0  # sharpness of one final model (full space 20 s + 100-D subspace 50 s + Hessian 10 s)
+FIRST_ENGINE = "ea41c57"  # the engine of the runs recorded before engine_commit was
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -195,40 +207,16 @@ class GhostStudyArguments(MLPStudyOptions):
 
 
 # Settings a finished run depends on: a run is only reused when they are unchanged.
-TRAINING_SETTINGS = (
-    "epochs",
-    "small_batch",
-    "large_batch",
-    "ghost_batch_size",
-    "base_lr",
-    "lr_rule",
-    "momentum",
-    "weight_decay",
-    "lr_milestones",
-    "lr_decay",
-    "max_grad_norm",
-    "reset_momentum_each_epoch",
-    "validation_size",
-    "max_train_samples",
-    "hidden",
-    "depth",
-    "use_cpu",
-)
-FINAL_SETTINGS = (
-    "max_test_samples",
-    "sharpness_samples",
-    "sharpness_epsilon",
-    "sharpness_iterations",
-    "sharpness_repeats",
-    "subspace_dim",
-    "hessian_iterations",
-)
+TRAINING_SETTINGS = ("epochs", "small_batch", "large_batch", "ghost_batch_size", "base_lr", "lr_rule", "momentum")
+TRAINING_SETTINGS += ("weight_decay", "lr_milestones", "lr_decay", "max_grad_norm", "reset_momentum_each_epoch")
+TRAINING_SETTINGS += ("validation_size", "max_train_samples", "hidden", "depth", "use_cpu")
+FINAL_SETTINGS = ("max_test_samples", "sharpness_samples", "sharpness_epsilon", "sharpness_iterations")
+FINAL_SETTINGS += ("sharpness_repeats", "subspace_dim", "hessian_iterations")
 
 
 def run_settings(study: GhostStudyArguments, phase: str) -> dict[str, Any]:
     """The settings a run of ``phase`` depends on (stored with it, compared on resume)."""
-    names = TRAINING_SETTINGS + (FINAL_SETTINGS if phase == "final" else ())
-    return {name: getattr(study, name) for name in names}
+    return settings_of(study, TRAINING_SETTINGS + (FINAL_SETTINGS if phase == "final" else ()))
 
 
 # ---------------------------------------------------------------------------------------------------- arms
@@ -241,8 +229,8 @@ class Arm:
     """
 
     name: str
-    scale: Literal["small", "large"]
     label: str
+    scale: Literal["small", "large"] = "large"
     tuned: Literal["strength", "rho"] | None = None
     adapt: Literal["none", "filter"] = "none"
     distribution: Literal["uniform", "gaussian"] = "uniform"
@@ -261,49 +249,27 @@ class Arm:
 ARMS: dict[str, Arm] = {
     arm.name: arm
     for arm in (
-        Arm("naive", "large", "naive large batch (one micro-batch, BN over B)", naive=True),
-        Arm("ghost", "large", "ghost-BN baseline"),
-        Arm("smoothout", "large", "SmoothOut", tuned="strength", adapt="none", grid="strengths_none"),
-        Arm("adasmoothout", "large", "AdaSmoothOut", tuned="strength", adapt="filter", grid="strengths_filter"),
-        Arm("sam", "large", "SAM (per chunk)", tuned="rho", sam=True, grid="sam_rhos"),
-        Arm(
-            "ada_nodenoise",
-            "large",
-            "AdaSmoothOut, no de-noising",
-            adapt="filter",
-            denoise=False,
-            follows="adasmoothout",
-        ),
-        Arm(
-            "ada_gaussian",
-            "large",
-            "AdaSmoothOut, Gaussian",
-            adapt="filter",
-            distribution="gaussian",
-            follows="adasmoothout",
-        ),
-        Arm(
-            "so_gaussian",
-            "large",
-            "SmoothOut, Gaussian",
-            adapt="none",
-            distribution="gaussian",
-            follows="smoothout",
-        ),
+        Arm("naive", "naive large batch (one micro-batch, BN over B)", naive=True),
+        Arm("ghost", "ghost-BN baseline"),
+        Arm("smoothout", "SmoothOut", tuned="strength", adapt="none", grid="strengths_none"),
+        Arm("adasmoothout", "AdaSmoothOut", tuned="strength", adapt="filter", grid="strengths_filter"),
+        Arm("sam", "SAM (per chunk)", tuned="rho", sam=True, grid="sam_rhos"),
+        Arm("ada_nodenoise", "AdaSmoothOut, no de-noising", adapt="filter", denoise=False, follows="adasmoothout"),
+        Arm("ada_gaussian", "AdaSmoothOut, Gaussian", adapt="filter", distribution="gaussian", follows="adasmoothout"),
+        Arm("so_gaussian", "SmoothOut, Gaussian", adapt="none", distribution="gaussian", follows="smoothout"),
         Arm(
             "ada_draw_step",
-            "large",
             "AdaSmoothOut, one draw per step",
             adapt="filter",
             noise_every="step",
             follows="adasmoothout",
         ),
-        Arm("small_baseline", "small", "small-batch baseline"),
-        Arm("small_smoothout", "small", "SmoothOut", tuned="strength", adapt="none", grid="small_strengths_none"),
+        Arm("small_baseline", "small-batch baseline", scale="small"),
+        Arm("small_smoothout", "SmoothOut", scale="small", tuned="strength", adapt="none", grid="small_strengths_none"),
         Arm(
             "small_adasmoothout",
-            "small",
             "AdaSmoothOut",
+            "small",
             tuned="strength",
             adapt="filter",
             grid="small_strengths_filter",
@@ -317,6 +283,11 @@ FINAL_ARMS = {
     "small": ("small_smoothout", "small_adasmoothout"),
 }
 TRAINING_STAGES = ("sweep", "core", "ablation", "small")
+INTERPOLATIONS = (  # (plot, first model's arm, second model's arm)
+    ("small_vs_ghost_baseline", "small_baseline", "ghost"),
+    ("small_vs_naive_baseline", "small_baseline", "naive"),
+    ("ghost_baseline_vs_adasmoothout", "ghost", "adasmoothout"),
+)
 
 
 def arm_batch(study: GhostStudyArguments, arm: Arm) -> int:
@@ -339,149 +310,24 @@ def micro_and_accumulation(study: GhostStudyArguments, arm: Arm) -> tuple[int, i
     return study.ghost_batch_size, batch // study.ghost_batch_size
 
 
-def scaled_lr(study: GhostStudyArguments, batch: int) -> float:
-    """The LR at ``batch``: ``base_lr * (batch / ghost) ** 0.5`` under the sqrt rule.
+def arm_schedule(study: GhostStudyArguments, arm: Arm, train_examples: int) -> dict[str, Any]:
+    """An arm's LR (``--base_lr`` at the ghost batch, scaled to the arm's batch by ``--lr_rule``), optimizer steps
+    per epoch and the steps of the LR drops (``--lr_milestones`` of all the steps).
 
     Example:
-        >>> round(scaled_lr(GhostStudyArguments(), 4096), 6)  # 0.1 * sqrt(32)
-        0.565685
+        >>> schedule = arm_schedule(GhostStudyArguments(), ARMS["ghost"], 55000)
+        >>> round(schedule["lr"], 6), schedule["steps_per_epoch"], schedule["milestone_steps"]
+        (0.565685, 14, [140, 280, 420])
     """
-    ratio = batch / study.ghost_batch_size
-    return study.base_lr * {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[study.lr_rule]
-
-
-def update_steps_per_epoch(examples: int, micro: int, accumulation: int) -> int:
-    """Optimizer steps per epoch as the Trainer counts them (last micro-batch and last step may be partial).
-
-    Example:
-        >>> update_steps_per_epoch(55000, 128, 32), update_steps_per_epoch(55000, 4096, 1)
-        (14, 14)
-    """
-    micro_batches = math.ceil(examples / micro)
-    return max(math.ceil(micro_batches / accumulation), 1)
-
-
-def milestone_steps(study: GhostStudyArguments, steps_per_epoch: int) -> list[int]:
-    """Optimizer steps after which the LR drops: ``round(fraction * epochs * steps_per_epoch)``.
-
-    Example:
-        >>> milestone_steps(GhostStudyArguments(), 14)  # epochs 10/20/30 of 50
-        [140, 280, 420]
-    """
-    return [round(f * study.epochs * steps_per_epoch) for f in study.lr_milestones]
-
-
-def step_scheduler(
-    optimizer: torch.optim.Optimizer, milestones: list[int], decay: float
-) -> torch.optim.lr_scheduler.MultiStepLR:
-    """LR x ``decay`` at each milestone (counted in optimizer steps; the Trainer steps it once per update).
-
-    Example:
-        >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-        >>> sched = step_scheduler(opt, [2, 3], 0.1)
-        >>> lrs = []
-        >>> for _ in range(4):
-        ...     lrs.append(round(opt.param_groups[0]["lr"], 6)); opt.step(); sched.step()
-        >>> lrs
-        [1.0, 1.0, 0.1, 0.01]
-    """
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=decay)
-
-
-def run_key(phase: str, batch: int, arm: str, value: float, seed: int) -> str:
-    """``<phase>-b<batch>-<arm>-v<value>-s<seed>``; ``value`` is the tuned strength or rho (0 for baselines)."""
-    return f"{phase}-b{batch}-{arm}-v{value:g}-s{seed}"
+    steps_per_epoch = update_steps_per_epoch(train_examples, *micro_and_accumulation(study, arm))
+    return {
+        "lr": scale_learning_rate(study.base_lr, arm_batch(study, arm), study.ghost_batch_size, study.lr_rule),
+        "steps_per_epoch": steps_per_epoch,
+        "milestone_steps": milestone_steps(study.lr_milestones, study.epochs * steps_per_epoch),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- training
-class EpochRecorder(TrainerCallback):
-    """Per epoch: the LR at its start, its training wall time (evaluation excluded) and, optionally, the
-    accuracy of the model on ``eval_data`` at its end (eval mode)."""
-
-    def __init__(self, model: nn.Module, eval_data: TensorExamples | None, batch_size: int) -> None:
-        self.model, self.eval_data, self.batch_size = model, eval_data, batch_size
-        self.lrs: list[float] = []
-        self.seconds: list[float] = []
-        self.accuracies: list[float] = []
-        self._start = 0.0
-
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-        if self.eval_data is not None:
-            self.accuracies.append(evaluate_accuracy(self.model, self.eval_data, self.batch_size))
-
-
-class ChunkSAMTrainer(SmoothOutTrainer):
-    """SAM with one ascent step per micro-batch (ghost chunk): m-sharpness SAM with ``m`` = the chunk size.
-
-    For every chunk: ``g = grad L_chunk(w)`` by ``torch.autograd.grad`` at the clean weights (``.grad`` is not
-    touched), ``e = rho * g / (||g|| + 1e-12)`` with the global L2 norm over all trainable parameters, then
-    ``w + e``, and the Trainer's own forward + backward there, which adds ``grad L_chunk(w + e) / accumulation``
-    into ``.grad``; in ``finally`` the weights are copied back bit-exactly from a copy saved before ``+ e``.
-    The Trainer then averages, clips and steps as for every other arm: the step uses the mean over chunks of
-    the SAM gradients. Cost: two forward + backward passes per chunk.
-
-    Batch norm: both passes run in train mode, normalizing with their own batch statistics, but only the first
-    (clean-weight) pass updates the running statistics: every buffer is saved before the perturbed pass and
-    copied back after it (``num_batches_tracked`` too), so the running statistics evolve as in plain SGD.
-    The returned (logged) loss is the clean loss, scaled for accumulation as the Trainer scales it.
-    Runs SAM alone: the SmoothOut strength must be 0.
-
-    Example:
-        >>> args = SmoothOutTrainingArguments("out", smoothout_strength=0.0)  # doctest: +SKIP
-        >>> trainer = ChunkSAMTrainer(model, args, train_dataset=ds, sam_rho=0.05)  # doctest: +SKIP
-    """
-
-    def __init__(self, *args: Any, sam_rho: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.smoothout_config.enabled:
-            raise ValueError("ChunkSAMTrainer runs SAM alone: set smoothout_strength=0.")
-        if not (isinstance(sam_rho, (int, float)) and math.isfinite(sam_rho) and sam_rho > 0):
-            raise ValueError(f"sam_rho must be a positive finite number, got {sam_rho!r}.")
-        self.sam_rho = float(sam_rho)
-
-    def sam_perturbation(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The clean chunk loss and ``e`` per trainable parameter (zeros where the loss does not reach)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, self._prepare_inputs(inputs))
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        with torch.no_grad():
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            scale = self.sam_rho / (norm + SAM_EPS)
-            return loss.detach(), [g * scale for g in grads]
-
-    def training_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor | Any],
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor:
-        model.train()
-        loss, perturbation = self.sam_perturbation(model, inputs)  # updates the BN running statistics
-        params = [p for p in model.parameters() if p.requires_grad]
-        with torch.no_grad():
-            saved_params = [p.detach().clone() for p in params]
-            saved_buffers = [b.detach().clone() for b in model.buffers()]
-        try:
-            with torch.no_grad():
-                for p, e in zip(params, perturbation, strict=True):
-                    p.add_(e)
-            super().training_step(model, inputs, num_items_in_batch)  # forward + backward at w + e
-        finally:
-            with torch.no_grad():
-                for p, saved in zip(params, saved_params, strict=True):
-                    p.copy_(saved)
-                for b, saved in zip(model.buffers(), saved_buffers, strict=True):
-                    b.copy_(saved)
-        return loss / getattr(self, "current_gradient_accumulation_steps", 1)
-
-
 def build_trainer(
     study: GhostStudyArguments,
     data: dict[str, TensorExamples],
@@ -493,36 +339,21 @@ def build_trainer(
     eval_data: TensorExamples | None,
     output_dir: Path,
 ) -> tuple[SmoothOutTrainer, nn.Module, EpochRecorder, MomentumResetCallback | None, dict[str, Any]]:
-    """The Trainer of one run (not yet trained), its model, callbacks and schedule facts.
-
-    Example:
-        >>> trainer, model, recorder, reset, info = build_trainer(study, data, ARMS["ghost"], 0.0, 0,  # doctest: +SKIP
-        ...     epochs=1, eval_data=None, output_dir=Path("/tmp/run"))
-        >>> trainer.args.gradient_accumulation_steps  # doctest: +SKIP
-        32
-    """
+    """The Trainer of one run (not yet trained), its model, callbacks and schedule (:func:`arm_schedule`)."""
     micro, accumulation = micro_and_accumulation(study, arm)
-    lr = scaled_lr(study, arm_batch(study, arm))
-    strength = value if arm.noisy else 0.0
-    args = SmoothOutTrainingArguments(
+    info = arm_schedule(study, arm, len(data["train"]))
+    args = study_training_arguments(
         output_dir=str(output_dir),
         seed=seed,
         num_train_epochs=epochs,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
         per_device_eval_batch_size=study.eval_batch_size,
-        learning_rate=lr,
+        learning_rate=info["lr"],
         weight_decay=study.weight_decay,
         max_grad_norm=study.max_grad_norm,
         use_cpu=study.use_cpu,
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="epoch",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_drop_last=False,
-        smoothout_strength=strength,
+        smoothout_strength=value if arm.noisy else 0.0,
         smoothout_adapt=arm.adapt,
         smoothout_distribution=arm.distribution,
         smoothout_denoise=arm.denoise,
@@ -530,40 +361,19 @@ def build_trainer(
     )
     torch.manual_seed(seed)
     model = KeskarMLP(study.hidden, study.depth)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=study.momentum, weight_decay=study.weight_decay)
-    steps_per_epoch = update_steps_per_epoch(len(data["train"]), micro, accumulation)
-    milestones = milestone_steps(study, steps_per_epoch)
-    scheduler = step_scheduler(optimizer, milestones, study.lr_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=info["lr"], momentum=study.momentum, weight_decay=study.weight_decay
+    )
+    scheduler = step_scheduler(optimizer, info["milestone_steps"], study.lr_decay)
     recorder = EpochRecorder(model, eval_data, study.eval_batch_size)
     reset = MomentumResetCallback() if study.reset_momentum_each_epoch else None
     callbacks: list[TrainerCallback] = [c for c in (reset, recorder) if c is not None]
     kwargs: dict[str, Any] = {"sam_rho": value} if arm.sam else {}
     trainer_cls = ChunkSAMTrainer if arm.sam else SmoothOutTrainer
     trainer = trainer_cls(
-        model,
-        args,
-        train_dataset=data["train"],
-        optimizers=(optimizer, scheduler),
-        callbacks=callbacks,
-        **kwargs,
+        model, args, train_dataset=data["train"], optimizers=(optimizer, scheduler), callbacks=callbacks, **kwargs
     )
-    info = {"lr": lr, "steps_per_epoch": steps_per_epoch, "milestone_steps": milestones}
     return trainer, model, recorder, reset, info
-
-
-def engine_commit() -> str | None:
-    """The git commit of the checkout that runs this study (which engine drew the noise), or None outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def train_one(
@@ -573,8 +383,8 @@ def train_one(
     phase: Literal["sweep", "final", "cost"],
     value: float,
     seed: int,
-) -> tuple[dict[str, Any], nn.Module]:
-    """Train one run; returns its record and the trained model.
+) -> dict[str, Any]:
+    """Train one run; returns its record.
 
     ``sweep``: validation accuracy per epoch (selection); ``final``: test accuracy per epoch (the plot only),
     then test / train / validation accuracy and sharpness, weights saved to ``models/<key>.safetensors``;
@@ -611,7 +421,7 @@ def train_one(
         "epochs": epochs,
         "momentum_resets": reset.resets if reset is not None else 0,
         "noise": trainer.smoothout_config.to_dict(),
-        "engine_commit": engine_commit(),
+        "engine_commit": checkout_commit(Path(__file__).parent),  # which engine drew the noise
         "epoch_seconds": recorder.seconds,
         "train_runtime_s": result.metrics["train_runtime"],
         "train_loss": result.metrics["train_loss"],
@@ -628,70 +438,21 @@ def train_one(
         record["train_accuracy"] = evaluate_accuracy(model, train_eval, study.eval_batch_size)
         record["gap"] = record["train_accuracy"] - record["test_accuracy"]
         start = time.perf_counter()
-        record.update(
-            measure_sharpness_of(
-                model,
-                sharpness_batches(data["train"], study.sharpness_samples),
-                epsilon=study.sharpness_epsilon,
-                iterations=study.sharpness_iterations,
-                repeats=study.sharpness_repeats,
-                hessian_iterations=study.hessian_iterations,
-                subspace_dim=study.subspace_dim,
-            )
-        )
+        record.update(measure_sharpness(model, data["train"], study, study.subspace_dim))
         record["measure_seconds"] = time.perf_counter() - start
-        (out / "models").mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out / "models" / f"{key}.safetensors"))
-    return record, model
+        save_weights(model, out / "models" / f"{key}.safetensors")
+    return record
 
 
-# ---------------------------------------------------------------------------------------------------- sweeps
-def extension_point(grid: list[float], low: bool) -> float:
-    """The next grid point beyond an edge, one log step (that of the two edge points) further, 3 digits.
+# ---------------------------------------------------------------------------------------------------- stages
+def arm_sweep(study: GhostStudyArguments, arm: Arm, runs: dict[str, dict[str, Any]]) -> SweepState:
+    """Where the sweep of a tuned arm stands: its grid (``arm.grid`` plus extensions), runs to do, the choice."""
 
-    Example:
-        >>> extension_point([1e-4, 3e-4, 1e-3], low=True), extension_point([0.1, 0.3, 1.0], low=False)
-        (3.33e-05, 3.33)
-    """
-    inner, edge = (grid[1], grid[0]) if low else (grid[-2], grid[-1])
-    return float(f"{edge * edge / inner:.3g}")
+    def score(value: float) -> float | None:
+        record = runs.get(run_key("sweep", arm_batch(study, arm), arm.name, value, study.sweep_seed))
+        return None if record is None else record["validation_accuracy"]
 
-
-@dataclass
-class SweepState:
-    """Where one sweep stands: its grid so far (base + extensions), points still to run, the choice."""
-
-    arm: str
-    grid: list[float]
-    extensions: list[float]
-    todo: list[float]
-    chosen: float | None
-    at_edge: bool = False
-
-
-def sweep_score(study: GhostStudyArguments, arm: Arm, value: float, runs: dict[str, dict[str, Any]]) -> float | None:
-    record = runs.get(run_key("sweep", arm_batch(study, arm), arm.name, value, study.sweep_seed))
-    return None if record is None else record["validation_accuracy"]
-
-
-def sweep_state(study: GhostStudyArguments, arm: Arm, runs: dict[str, dict[str, Any]]) -> SweepState:
-    """Replay a sweep from its finished runs: extend while the best (highest validation accuracy; ties go to
-    the larger value) sits on an edge, up to ``--max_extensions`` points."""
-    grid = sorted(set(getattr(study, arm.grid)))
-    extensions: list[float] = []
-    while True:
-        todo = [v for v in grid if sweep_score(study, arm, v, runs) is None]
-        if todo:
-            return SweepState(arm.name, grid, extensions, todo, None)
-        best = max(grid, key=lambda v: (sweep_score(study, arm, v, runs), v))
-        index = grid.index(best)
-        at_edge = len(grid) >= 2 and index in (0, len(grid) - 1)
-        if not at_edge or len(extensions) >= study.max_extensions:
-            return SweepState(arm.name, grid, extensions, [], best, at_edge)
-        point = extension_point(grid, low=index == 0)
-        extensions.append(point)
-        grid = sorted([*grid, point])
+    return sweep_state(arm.name, getattr(study, arm.grid), score, study.max_extensions)
 
 
 def chosen_value(study: GhostStudyArguments, arm: Arm, runs: dict[str, dict[str, Any]]) -> float | None:
@@ -700,18 +461,7 @@ def chosen_value(study: GhostStudyArguments, arm: Arm, runs: dict[str, dict[str,
         return chosen_value(study, ARMS[arm.follows], runs)
     if arm.tuned is None:
         return 0.0
-    return sweep_state(study, arm, runs).chosen
-
-
-# ---------------------------------------------------------------------------------------------------- stages
-def check_reusable(study: GhostStudyArguments, record: dict[str, Any]) -> None:
-    expected = run_settings(study, record["phase"])
-    if record.get("settings") != expected:
-        changed = sorted(k for k in expected if (record.get("settings") or {}).get(k) != expected[k])
-        raise ValueError(
-            f"Run {record['key']} in runs.jsonl was made with other settings ({', '.join(changed)}); use another "
-            "--output_dir or the same settings."
-        )
+    return arm_sweep(study, arm, runs).chosen
 
 
 def execute(
@@ -723,16 +473,14 @@ def execute(
     seed: int,
     runs: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """One run unless ``runs`` has it; appended to ``runs.jsonl`` and ``runs``."""
+    """One run unless ``runs`` has it (made with the same settings); appended to ``runs.jsonl`` and ``runs``."""
     key = run_key(phase, arm_batch(study, arm), arm.name, value, seed)
-    if key in runs:
-        check_reusable(study, runs[key])
-        return runs[key]
-    record, _ = train_one(study, data, arm, phase, value, seed)
-    append_run(Path(study.output_dir) / "runs.jsonl", record)
-    runs[key] = record
-    shown = {k: record.get(k) for k in ("key", "validation_accuracy", "test_accuracy", "train_runtime_s")}
-    print(json.dumps({k: v for k, v in shown.items() if v is not None}), flush=True)
+    ledger = Path(study.output_dir) / "runs.jsonl"
+    settings = run_settings(study, phase)
+    record, trained = run_once(ledger, runs, key, partial(train_one, study, data, arm, phase, value, seed), settings)
+    if trained:
+        shown = {k: record.get(k) for k in ("key", "validation_accuracy", "test_accuracy", "train_runtime_s")}
+        print(json.dumps({k: v for k, v in shown.items() if v is not None}), flush=True)
     return record
 
 
@@ -751,16 +499,11 @@ def final_jobs(study: GhostStudyArguments, stage: str, runs: dict[str, dict[str,
 def run_stage(study: GhostStudyArguments, stage: str, data: dict[str, TensorExamples]) -> None:
     """Run what a training stage still lacks (sweeps with their extensions first, then final runs)."""
     runs = read_runs(Path(study.output_dir) / "runs.jsonl")
-    for name in SWEEP_ARMS.get(stage, ()):
-        arm = ARMS[name]
-        while True:
-            state = sweep_state(study, arm, runs)
-            if not state.todo:
-                edge = " (still at the grid edge: extension limit reached)" if state.at_edge else ""
-                print(f"Sweep {name}: chosen {state.chosen:g}{edge}; extensions {state.extensions}", flush=True)
-                break
-            for value in state.todo:
-                execute(study, data, arm, "sweep", value, study.sweep_seed, runs)
+    for arm in (ARMS[name] for name in SWEEP_ARMS.get(stage, ())):
+        run_sweep(
+            partial(arm_sweep, study, arm, runs),
+            partial(execute, study, data, arm, "sweep", seed=study.sweep_seed, runs=runs),
+        )
     if stage not in FINAL_ARMS:
         return
     for arm, value, seed in list(final_jobs(study, stage, runs)):
@@ -782,74 +525,41 @@ def cost_class(arm: Arm) -> str:
     return "chunk_noise" if arm.noisy else "ghost"
 
 
-def epoch_seconds_estimate(
-    study: GhostStudyArguments, arm: Arm, runs: dict[str, dict[str, Any]], train_size: int
+def epoch_estimate(
+    arm: Arm, runs: dict[str, dict[str, Any]], cost: dict[str, Any] | None, train_size: int
 ) -> tuple[float, str]:
-    """Seconds per training epoch (evaluations included) of ``arm``, and where the number comes from."""
-    own = [r["train_runtime_s"] / r["epochs"] for r in runs.values() if r["arm"] == arm.name and r["epochs"]]
-    if own:
-        return statistics.median(own), f"measured ({len(own)} runs)"
-    same = [
-        r["train_runtime_s"] / r["epochs"]
-        for r in runs.values()
-        if r["arm"] in ARMS and cost_class(ARMS[r["arm"]]) == cost_class(arm) and r["epochs"]
-    ]
-    if same:
-        return statistics.median(same), f"measured on similar arms ({len(same)} runs)"
-    cost_path = Path(study.output_dir) / "cost.json"
-    if cost_path.is_file():
-        cost = json.loads(cost_path.read_text())["arms"].get(arm.name)
-        if cost is not None:
-            return cost["median_s"], "cost.json"
-    return PILOT_EPOCH_SECONDS[cost_class(arm)] * train_size / 55000, "pilot default"
+    """Seconds per training epoch of ``arm`` and their source (runs, runs of its cost class, cost.json, pilot)."""
+    pilot = PILOT_EPOCH_SECONDS[cost_class(arm)] * train_size / 55000
+    similar = cost_class(arm)
+    return epoch_seconds_estimate(runs, arm.name, lambda n: n in ARMS and cost_class(ARMS[n]) == similar, cost, pilot)
 
 
 def plan(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> str:
     """The runs still to do, stage by stage, with an estimated time; trains nothing."""
     runs = read_runs(Path(study.output_dir) / "runs.jsonl")
+    cost = read_cost(Path(study.output_dir) / "cost.json")
     train_size = len(data["train"])
     measured = [r["measure_seconds"] for r in runs.values() if "measure_seconds" in r]
     measure_s = statistics.median(measured) if measured else PILOT_MEASURE_SECONDS * study.sharpness_samples / 2000
-    rows: list[list[str]] = []
-    totals: dict[str, float] = {}
-    possible_extra = 0.0
+    todo = Plan()
     for stage in TRAINING_STAGES:
         for name in SWEEP_ARMS.get(stage, ()):
             arm = ARMS[name]
-            per_epoch, source = epoch_seconds_estimate(study, arm, runs, train_size)
-            state = sweep_state(study, arm, runs)
+            per_epoch, source = epoch_estimate(arm, runs, cost, train_size)
+            state = arm_sweep(study, arm, runs)
             for value in state.todo:
-                seconds = per_epoch * study.epochs
-                totals[stage] = totals.get(stage, 0.0) + seconds
                 key = run_key("sweep", arm_batch(study, arm), name, value, study.sweep_seed)
-                rows.append([stage, key, f"{seconds:.0f}", source])
+                todo.add(stage, key, per_epoch * study.epochs, source)
             if state.chosen is None:
-                possible_extra += (study.max_extensions - len(state.extensions)) * per_epoch * study.epochs
-        if stage not in FINAL_ARMS:
-            continue
-        for arm, value, seed in final_jobs(study, stage, runs):
+                todo.possible_extra += (study.max_extensions - len(state.extensions)) * per_epoch * study.epochs
+        for arm, value, seed in final_jobs(study, stage, runs) if stage in FINAL_ARMS else ():
             if value is not None and run_key("final", arm_batch(study, arm), arm.name, value, seed) in runs:
                 continue
-            per_epoch, source = epoch_seconds_estimate(study, arm, runs, train_size)
-            seconds = per_epoch * study.epochs + measure_s
-            totals[stage] = totals.get(stage, 0.0) + seconds
+            per_epoch, source = epoch_estimate(arm, runs, cost, train_size)
             shown = "?" if value is None else f"{value:g}"
-            rows.append(
-                [stage, f"final-b{arm_batch(study, arm)}-{arm.name}-v{shown}-s{seed}", f"{seconds:.0f}", source]
-            )
-    total = sum(totals.values())
-    table = markdown_table(["stage", "run", "est. s", "per-epoch time from"], rows).strip()
-    lines = [
-        f"Plan for {study.output_dir}: {len(rows)} runs to do ({len(runs)} finished); v? = value chosen by a "
-        "sweep that has not finished.",
-        "",
-        table if rows else "Nothing left to run.",
-        "",
-        *(f"- {stage}: {seconds / 3600:.2f} h" for stage, seconds in totals.items()),
-        f"- total: {total / 3600:.2f} h, plus up to {possible_extra / 3600:.2f} h if unfinished sweeps extend "
-        f"their grids; final runs include {measure_s:.0f} s of sharpness measurement each.",
-    ]
-    return "\n".join(lines)
+            key = f"final-b{arm_batch(study, arm)}-{arm.name}-v{shown}-s{seed}"
+            todo.add(stage, key, per_epoch * study.epochs + measure_s, source)
+    return todo.text(study.output_dir, len(runs), measure_s)
 
 
 # ---------------------------------------------------------------------------------------------------- cost
@@ -872,47 +582,28 @@ def cost_stage(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> d
         raise ValueError(f"Unknown --cost_arms {unknown}; arms: {', '.join(ARMS)}.")
     if "ghost" not in names:
         names.insert(0, "ghost")
-    arms = [ARMS[name] for name in names]
-    values = {arm.name: cost_value(study, arm, runs) for arm in arms}
-    seconds: dict[str, list[float]] = {arm.name: [] for arm in arms}
-    load_before = os.getloadavg()
-    for round_index in range(study.cost_rounds):
-        for arm in arms:
-            record, _ = train_one(study, data, arm, "cost", values[arm.name], seed=round_index)
-            seconds[arm.name].append(statistics.mean(record["epoch_seconds"]))
-            print(f"cost round {round_index + 1}/{study.cost_rounds} {arm.name}: {seconds[arm.name][-1]:.2f} s/epoch")
-    reference = statistics.median(seconds["ghost"])
-    result = {
-        "note": COST_NOTE,
-        "reference_arm": "ghost",
-        "rounds": study.cost_rounds,
-        "epochs_per_arm_and_round": study.cost_epochs,
-        "train_examples": len(data["train"]),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
-        "arms": {
-            arm.name: {
-                "label": arm.label,
-                "batch": arm_batch(study, arm),
-                "micro_batch": micro_and_accumulation(study, arm)[0],
-                "accumulation": micro_and_accumulation(study, arm)[1],
-                "value": values[arm.name],
-                "per_epoch_s": seconds[arm.name],
-                "median_s": statistics.median(seconds[arm.name]),
-                "ratio_to_ghost": statistics.median(seconds[arm.name]) / reference,
-            }
-            for arm in arms
-        },
-    }
-    path = Path(study.output_dir) / "cost.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-    for name, entry in result["arms"].items():
-        print(f"{name:20s} {entry['median_s']:8.2f} s/epoch  x{entry['ratio_to_ghost']:.2f} of ghost")
-    print(COST_NOTE, flush=True)
-    return result
+    values = {name: cost_value(study, ARMS[name], runs) for name in names}
+
+    def epoch_seconds(name: str, round_index: int) -> float:
+        return statistics.mean(train_one(study, data, ARMS[name], "cost", values[name], round_index)["epoch_seconds"])
+
+    def describe(name: str) -> dict[str, Any]:
+        arm = ARMS[name]
+        micro, accumulation = micro_and_accumulation(study, arm)
+        batch = arm_batch(study, arm)
+        return {
+            "label": arm.label,
+            "batch": batch,
+            "micro_batch": micro,
+            "accumulation": accumulation,
+            "value": values[name],
+        }
+
+    facts = {"epochs_per_arm_and_round": study.cost_epochs, "train_examples": len(data["train"])}
+    facts["torch_threads"] = torch.get_num_threads()
+    return benchmark(
+        Path(study.output_dir) / "cost.json", names, study.cost_rounds, epoch_seconds, describe, "ghost", facts
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -933,15 +624,15 @@ def final_cells(study: GhostStudyArguments, runs: dict[str, dict[str, Any]]) -> 
 def protocol_text(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> list[str]:
     micro, accumulation = micro_and_accumulation(study, ARMS["ghost"])
     milestones = [f"{f * study.epochs:g}" for f in study.lr_milestones]
-    ratio = f"B / {study.ghost_batch_size}"
-    rule = {"sqrt": f"lr * ({ratio}) ** 0.5", "linear": f"lr * {ratio}", "none": "lr"}[study.lr_rule]
+    rule = lr_rule_formula(study.lr_rule, f"B / {study.ghost_batch_size}")
+    large_lr = arm_schedule(study, ARMS["ghost"], len(data["train"]))["lr"]
     return [
         f"Protocol: Fashion-MNIST, train {len(data['train'])} / validation {len(data['validation'])} (stratified, "
         f"carved from train) / test {len(data['test'])} (official t10k); KeskarMLP {study.depth}x{study.hidden} "
         f"with BatchNorm; {study.epochs:g} epochs; SGD LR {study.base_lr:g} at batch {study.ghost_batch_size}, "
         f"momentum {study.momentum:g}, weight decay {study.weight_decay:g} (all parameters), LR x{study.lr_decay:g} "
         f"at epochs {', '.join(milestones)} (fractions {study.lr_milestones} of the epochs), clipping at "
-        f"{study.max_grad_norm:g}, {study.lr_rule} LR rule ({rule}) = {scaled_lr(study, study.large_batch):.4g} "
+        f"{study.max_grad_norm:g}, {study.lr_rule} LR rule ({rule}) = {large_lr:.4g} "
         f"at B = {study.large_batch}; every B arm but `naive` is {accumulation} ghost chunks of {micro} "
         "(gradient accumulation: fresh noise and own BN statistics per chunk); momentum reset every epoch: "
         f"{study.reset_momentum_each_epoch}; noise skips the BatchNorm parameters (smoothout_skip_norm_layers, "
@@ -957,173 +648,67 @@ def protocol_text(study: GhostStudyArguments, data: dict[str, TensorExamples]) -
     ]
 
 
-def value_label(arm: Arm, value: float) -> str:
-    """``0.1 (strength)``, ``0.05 (rho)``, ``0.1 (of adasmoothout)`` or ``0``."""
-    if arm.tuned:
-        return f"{value:g} ({arm.tuned})"
-    return f"{value:g} (of {arm.follows})" if arm.follows else f"{value:g}"
+def sweep_rows(study: GhostStudyArguments, runs: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per finished sweep point (chosen and extension points marked), and a row for a choice at an edge."""
+    rows = []
+    for name in (*SWEEP_ARMS["sweep"], *SWEEP_ARMS["small"]):
+        arm, batch = ARMS[name], str(arm_batch(study, ARMS[name]))
+        state = arm_sweep(study, arm, runs)
+        for value in state.grid:
+            record = runs.get(run_key("sweep", arm_batch(study, arm), name, value, study.sweep_seed))
+            if record is not None:
+                scores = [f"{100 * record['validation_accuracy']:.2f}", f"{100 * max(record['validation_curve']):.2f}"]
+                rows.append([batch, name, arm.tuned or "", point_label(state, value), *scores])
+        if state.chosen is not None and state.at_edge:
+            rows.append([batch, name, arm.tuned or "", "still at an edge (limit)", "", ""])
+    return rows
 
 
-def table_value(records: list[dict[str, Any]], name: str, scale: float = 1.0, digits: int = 2) -> str:
-    values = [r[name] for r in records if r.get(name) is not None]
-    return mean_std(values, scale, digits)
+FINAL_MEASURES = (  # (record key, scale, digits) of the final table's mean ± std columns
+    ("test_accuracy", 100, 2),
+    ("train_accuracy", 100, 2),
+    ("gap", 100, 2),
+    ("hessian_top", 1, 1),
+    ("epsilon_sharpness", 1, 3),
+    ("epsilon_subspace", 1, 3),
+)
 
 
-def curves_plot(study: GhostStudyArguments, cells: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
-    """Test accuracy vs epoch per arm (mean line, mean ± std band over seeds): one panel per batch size."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not cells:
-        return None
-    figure = Figure(figsize=(12, 4.5), dpi=110, layout="constrained")
-    FigureCanvasAgg(figure)
-    panels = {"large": figure.add_subplot(1, 2, 1), "small": figure.add_subplot(1, 2, 2)}
-    for index, (name, cell) in enumerate(cells.items()):
-        arm = ARMS[name]
-        curves = [r["test_curve"] for r in cell if r.get("test_curve")]
-        if not curves:
-            continue
-        length = min(len(c) for c in curves)
-        epochs = list(range(1, length + 1))
-        means = [100 * statistics.mean(c[i] for c in curves) for i in range(length)]
-        stds = [100 * (statistics.stdev([c[i] for c in curves]) if len(curves) > 1 else 0.0) for i in range(length)]
-        axis = panels[arm.scale]
-        color = f"C{index % 10}"
-        axis.plot(epochs, means, color=color, label=f"{name} (n={len(curves)})")
-        axis.fill_between(
-            epochs,
-            [m - s for m, s in zip(means, stds, strict=True)],
-            [m + s for m, s in zip(means, stds, strict=True)],
-            color=color,
-            alpha=0.2,
-        )
-    for scale, axis in panels.items():
-        batch = study.large_batch if scale == "large" else study.small_batch
-        axis.set_title(f"batch {batch}: test accuracy (mean ± std over seeds)", fontsize="medium")
-        axis.set_xlabel("epoch")
-        axis.set_ylabel("test accuracy %")
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize="small", loc="lower right")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
-
-
-def subspace_box_comparison(model: nn.Module, dim: int, epsilon: float, seed: int = 0) -> dict[str, float]:
-    """How our random-subspace box compares with the authors' (random directions normalized to unit length).
-
-    Ours: ``x = x0 + A y``, ``A`` with standard normal entries, ``|y_j| <= eps (|(A^+ x0)_j| + 1)``. With the
-    columns of ``A`` (the directions) normalized, ``Â = A D^-1``, the same box rule in our coordinates is
-    ``|y_j| <= eps (|(A^+ x0)_j| + 1 / d_j)``, ``d_j = ||A_j|| ≈ sqrt(n)``. Returns the median and range over
-    ``j`` of the half-width ratio ours / theirs (first subspace, ``seed``).
-    """
-    vector = ParameterVector(model)
-    subspace = RandomSubspace(vector.numel, dim, seed)
-    coordinates = subspace.pinv_apply(vector.get()).abs()
-    squares = torch.zeros(dim, dtype=torch.float64)
-    for block in subspace.blocks():
-        squares += block.pow(2).sum(0)
-    norms = squares.sqrt()
-    ratio = (coordinates + 1.0) / (coordinates + 1.0 / norms)
-    return {
-        "num_parameters": float(vector.numel),
-        "sqrt_n": math.sqrt(vector.numel),
-        "median_column_norm": float(norms.median()),
-        "median_abs_pinv_x0": float(coordinates.median()),
-        "median_ratio": float(ratio.median()),
-        "min_ratio": float(ratio.min()),
-        "max_ratio": float(ratio.max()),
-        "epsilon": epsilon,
-    }
+def final_rows(cells: dict[str, list[dict[str, Any]]], cost: dict[str, Any] | None) -> list[list[str]]:
+    """One row per final cell: its set-up, the measures (mean ± std over seeds) and its cost."""
+    rows = []
+    for name, cell in cells.items():
+        arm, first = ARMS[name], cell[0]
+        ratio = (cost or {}).get("arms", {}).get(name, {}).get("ratio_to_ghost")
+        wall = statistics.median(r["train_runtime_s"] / r["epochs"] for r in cell)
+        setup = [f"{name} ({arm.label})", str(first["batch"]), f"{first['micro_batch']} x {first['accumulation']}"]
+        setup += [value_label(first["value"], arm.tuned, arm.follows), str(len(cell))]
+        measures = [cell_summary(cell, measure, scale, digits) for measure, scale, digits in FINAL_MEASURES]
+        rows.append([*setup, *measures, "-" if ratio is None else f"{ratio:.2f}", f"{wall:.3g}"])
+    return rows
 
 
 def report(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> str:
     """Write ``report.md`` and the plots; returns the report text."""
     out = Path(study.output_dir)
     runs = read_runs(out / "runs.jsonl")
-    cost_path = out / "cost.json"
-    cost = json.loads(cost_path.read_text()) if cost_path.is_file() else None
+    cost = read_cost(out / "cost.json")
     lines = ["# Fashion-MNIST large batch under the authors' protocol (ghost chunks)", ""]
     lines += protocol_text(study, data)
-
-    lines += ["", f"## Sweeps (validation accuracy after the last epoch, seed {study.sweep_seed})", ""]
-    rows = []
-    for name in (*SWEEP_ARMS["sweep"], *SWEEP_ARMS["small"]):
-        arm = ARMS[name]
-        state = sweep_state(study, arm, runs)
-        for value in state.grid:
-            record = runs.get(run_key("sweep", arm_batch(study, arm), name, value, study.sweep_seed))
-            if record is None:
-                continue
-            marks = [m for m, on in (("chosen", value == state.chosen), ("extension", value in state.extensions)) if on]
-            rows.append(
-                [
-                    str(arm_batch(study, arm)),
-                    name,
-                    arm.tuned or "",
-                    f"{value:g}" + (f" ({', '.join(marks)})" if marks else ""),
-                    f"{100 * record['validation_accuracy']:.2f}",
-                    f"{100 * max(record['validation_curve']):.2f}",
-                ]
-            )
-        if state.chosen is not None and state.at_edge:
-            rows.append([str(arm_batch(study, arm)), name, arm.tuned or "", "still at an edge (limit)", "", ""])
+    title = f"Sweeps (validation accuracy after the last epoch, seed {study.sweep_seed})"
     header = ["batch", "arm", "tunes", "value", "val acc % (last epoch)", "best-epoch val acc %"]
-    lines += markdown_table(header, rows).splitlines() if rows else ["(no sweep runs yet)"]
-
+    lines += section(title, header, sweep_rows(study, runs), "(no sweep runs yet)")
     cells = final_cells(study, runs)
-    lines += ["", "## Final cells (mean ± std over seeds)", ""]
-    header = [
-        "arm",
-        "batch",
-        "micro x accum",
-        "value",
-        "seeds",
-        "test acc %",
-        "train acc %",
-        "train-test gap %",
-        "Hessian top eig",
-        "eps-sharpness (full)",
-        f"eps-sharpness ({study.subspace_dim}-D subspace)",
-        "cost x ghost (cost.json)",
-        "training wall s/epoch (shared machine, not a cost)",
-    ]
-    rows = []
-    for name, cell in cells.items():
-        arm = ARMS[name]
-        ratio = (cost or {}).get("arms", {}).get(name, {}).get("ratio_to_ghost")
-        wall = statistics.median(r["train_runtime_s"] / r["epochs"] for r in cell)
-        rows.append(
-            [
-                f"{name} ({arm.label})",
-                str(cell[0]["batch"]),
-                f"{cell[0]['micro_batch']} x {cell[0]['accumulation']}",
-                value_label(arm, cell[0]["value"]),
-                str(len(cell)),
-                table_value(cell, "test_accuracy", 100),
-                table_value(cell, "train_accuracy", 100),
-                table_value(cell, "gap", 100),
-                table_value(cell, "hessian_top", 1, 1),
-                table_value(cell, "epsilon_sharpness", 1, 3),
-                table_value(cell, "epsilon_subspace", 1, 3),
-                "-" if ratio is None else f"{ratio:.2f}",
-                f"{wall:.3g}",
-            ]
-        )
-    lines += markdown_table(header, rows).splitlines() if rows else ["(no final runs yet)"]
-    if cost is None:
-        lines += ["- cost column: no cost.json yet (run `--stage cost` on an otherwise idle machine)."]
-    else:
-        lines += [
-            f"- cost column: median per-epoch wall time over {cost['rounds']} interleaved rounds relative to the ghost "
-            f"baseline in the same benchmark ({cost['arms']['ghost']['median_s']:.2f} s/epoch); load average before/"
-            f"after {[round(x, 2) for x in cost['loadavg_before']]} / {[round(x, 2) for x in cost['loadavg_after']]}. "
-            f"{COST_NOTE}"
-        ]
-
+    header = ["arm", "batch", "micro x accum", "value", "seeds", "test acc %", "train acc %", "train-test gap %"]
+    header += ["Hessian top eig", "eps-sharpness (full)", f"eps-sharpness ({study.subspace_dim}-D subspace)"]
+    header += ["cost x ghost (cost.json)", "training wall s/epoch (shared machine, not a cost)"]
+    lines += section("Final cells (mean ± std over seeds)", header, final_rows(cells, cost), "(no final runs yet)")
+    lines.append(cost_column_note(cost, "ghost", "ghost baseline"))
     lines += paired_sections(study, cells)
-    plot = curves_plot(study, cells, out / "plots" / "test_accuracy_curves.png")
+    batches = {"large": study.large_batch, "small": study.small_batch}
+    panels = {scale: f"batch {batch}: test accuracy (mean ± std over seeds)" for scale, batch in batches.items()}
+    curves = [(ARMS[name].scale, name, [r.get("test_curve") for r in cell]) for name, cell in cells.items()]
+    plot = plot_mean_curves(out / "plots" / "test_accuracy_curves.png", panels, curves)
     if plot is not None:
         lines += ["", "## Test accuracy per epoch", "", f"![test accuracy per epoch]({plot.relative_to(out)})"]
         lines += ["", "(Plot only: every choice in this study is made on validation accuracy.)"]
@@ -1136,122 +721,70 @@ def report(study: GhostStudyArguments, data: dict[str, TensorExamples]) -> str:
 
 def paired_sections(study: GhostStudyArguments, cells: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The large-batch gap and the paired differences to the ghost-BN baseline, with 95 % t-intervals."""
+    accuracy = {name: by_seed(cell) for name, cell in cells.items()}
 
-    def by_seed(name: str) -> dict[int, float]:
-        return {r["seed"]: r["test_accuracy"] for r in cells.get(name, [])}
+    def rows(pairs: list[tuple[str, str]], sign: int = 1) -> list[list[str]]:
+        found = [paired_interval_row(a, accuracy.get(a, {}), accuracy.get(b, {}), study.seeds, sign) for a, b in pairs]
+        return [row for row in found if row is not None]
 
-    def interval_row(name: str, reference: str, sign: int) -> list[str] | None:
-        ours, ref = by_seed(name), by_seed(reference)
-        seeds = [s for s in study.seeds if s in ours and s in ref]
-        if not seeds:
-            return None
-        diffs = [round(100 * sign * (ours[s] - ref[s]), 10) + 0.0 for s in seeds]  # + 0.0: no "-0.00"
-        mean, low, high = paired_interval(diffs)
-        interval = "n/a (one pair)" if low is None else f"[{low:+.2f}, {high:+.2f}]"
-        per_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(seeds, diffs, strict=True))
-        return [name, str(len(seeds)), f"{mean:+.2f}", interval, per_seed]
-
-    header = ["arm", "pairs", "mean (points)", "95 % t-interval", "per seed"]
-    lines = [
-        "",
-        f"## Large-batch gap: small-batch baseline minus each batch-{study.large_batch} arm (test accuracy, paired "
-        "by seed)",
-        "",
+    large = [name for name, arm in ARMS.items() if arm.scale == "large"]
+    batch = study.large_batch
+    lines = section(
+        f"Large-batch gap: small-batch baseline minus each batch-{batch} arm (test accuracy, paired by seed)",
+        PAIRED_HEADER,
+        rows([(name, "small_baseline") for name in large], sign=-1),
+    )
+    lines += section(
+        f"Paired difference to the ghost-BN baseline at batch {batch} (arm minus ghost, test accuracy points, 95 % "
+        "t-interval over seeds, scipy.stats.t)",
+        PAIRED_HEADER,
+        rows([(name, "ghost") for name in large if name != "ghost"]),
+    )
+    lines += section(
+        "Gaussian minus uniform noise (same law and strength, paired by seed; test accuracy points)",
+        PAIRED_HEADER,
+        rows([("ada_gaussian", "adasmoothout"), ("so_gaussian", "smoothout")]),
+    )
+    ghost, small = accuracy.get("ghost", {}), accuracy.get("small_baseline", {})
+    shares = [
+        gap_share_row(n, accuracy.get(n, {}), ghost, small, study.seeds) for n in large if n not in ("ghost", "naive")
     ]
-    rows = [
-        row
-        for name, arm in ARMS.items()
-        if arm.scale == "large" and (row := interval_row(name, "small_baseline", -1)) is not None
-    ]
-    lines += markdown_table(header, rows).splitlines() if rows else ["(no pairs yet)"]
+    lines += section(
+        "Share of the large-batch gap recovered ((arm - ghost) / (small baseline - ghost), per seed)",
+        ["arm", "seeds", "of the mean gap", "per seed"],
+        [row for row in shares if row is not None],
+    )
+    engines: dict[str, set[int]] = {}
+    for record in (r for cell in cells.values() for r in cell):
+        engines.setdefault(record.get("engine_commit") or FIRST_ENGINE, set()).add(record["seed"])
     lines += [
         "",
-        f"## Paired difference to the ghost-BN baseline at batch {study.large_batch} (arm minus ghost, test "
-        "accuracy points, 95 % t-interval over seeds, scipy.stats.t)",
-        "",
-    ]
-    rows = [
-        row
-        for name, arm in ARMS.items()
-        if arm.scale == "large" and name != "ghost" and (row := interval_row(name, "ghost", 1)) is not None
-    ]
-    lines += markdown_table(header, rows).splitlines() if rows else ["(no pairs yet)"]
-    lines += [
-        "",
-        "## Gaussian minus uniform noise (same law and strength, paired by seed; test accuracy points)",
-        "",
-    ]
-    rows = [
-        row
-        for gaussian, uniform in (("ada_gaussian", "adasmoothout"), ("so_gaussian", "smoothout"))
-        if (row := interval_row(gaussian, uniform, 1)) is not None
-    ]
-    lines += markdown_table(header, rows).splitlines() if rows else ["(no pairs yet)"]
-    lines += ["", "## Share of the large-batch gap recovered ((arm - ghost) / (small baseline - ghost), per seed)", ""]
-    rows = []
-    ghost, small = by_seed("ghost"), by_seed("small_baseline")
-    for name, arm in ARMS.items():
-        ours = by_seed(name)
-        seeds = [sd for sd in study.seeds if sd in ours and sd in ghost and sd in small and small[sd] != ghost[sd]]
-        if arm.scale != "large" or name in ("ghost", "naive") or not seeds:
-            continue
-        shares = [(ours[sd] - ghost[sd]) / (small[sd] - ghost[sd]) for sd in seeds]
-        overall = statistics.mean(ours[sd] - ghost[sd] for sd in seeds) / statistics.mean(
-            small[sd] - ghost[sd] for sd in seeds
-        )
-        rows.append([name, str(len(seeds)), f"{100 * overall:.0f} %", ", ".join(f"{100 * x:.0f} %" for x in shares)])
-    header_share = ["arm", "seeds", "of the mean gap", "per seed"]
-    lines += markdown_table(header_share, rows).splitlines() if rows else ["(no pairs yet)"]
-    engines = sorted({(r["seed"], r.get("engine_commit") or "ea41c57") for cell in cells.values() for r in cell})
-    by_engine: dict[str, list[int]] = {}
-    for seed, engine in engines:
-        by_engine.setdefault(engine, [])
-        if seed not in by_engine[engine]:
-            by_engine[engine].append(seed)
-    lines += [
-        "",
-        "Engines (noise law identical; CPU uniform draws on 2^24 levels in ea41c57, other realizations later): "
-        + "; ".join(f"{engine}: seeds {sorted(seeds)}" for engine, seeds in sorted(by_engine.items()))
-        + " (runs without a recorded engine_commit are from ea41c57).",
+        f"Engines (noise law identical; CPU uniform draws on 2^24 levels in {FIRST_ENGINE}, other realizations later): "
+        + "; ".join(f"{engine}: seeds {sorted(seeds)}" for engine, seeds in sorted(engines.items()))
+        + f" (runs without a recorded engine_commit are from {FIRST_ENGINE}).",
     ]
     lines += ["", f"Small batch {study.small_batch}: arm minus small-batch baseline (same form):", ""]
-    rows = [
-        row
-        for name in ("small_smoothout", "small_adasmoothout")
-        if (row := interval_row(name, "small_baseline", 1)) is not None
-    ]
-    lines += markdown_table(header, rows).splitlines() if rows else ["(no pairs yet)"]
-    return lines
+    small_rows = rows([("small_smoothout", "small_baseline"), ("small_adasmoothout", "small_baseline")])
+    return lines + table_lines(PAIRED_HEADER, small_rows, "(no pairs yet)")
 
 
 def interpolation_section(
     study: GhostStudyArguments, data: dict[str, TensorExamples], cells: dict[str, list[dict[str, Any]]]
 ) -> list[str]:
     seed = study.seeds[0]
-    pairs = [
-        ("small_vs_ghost_baseline", "small_baseline", "ghost"),
-        ("small_vs_naive_baseline", "small_baseline", "naive"),
-        ("ghost_baseline_vs_adasmoothout", "ghost", "adasmoothout"),
-    ]
     lines = [
         "",
         f"## 1-D interpolations (seed {seed}; alpha in [0, 1], 0 = first model; weights and BN statistics "
         "interpolated; 2,000 training and 2,000 test examples)",
         "",
     ]
+    pairs = []
+    for name, *arms in INTERPOLATIONS:
+        keys = [next((r["key"] for r in cells.get(arm, []) if r["seed"] == seed), None) for arm in arms]
+        if None not in keys:
+            pairs.append((name, *keys))
     out = Path(study.output_dir)
-    for name, first, second in pairs:
-        keys = [next((r["key"] for r in cells.get(arm, []) if r["seed"] == seed), None) for arm in (first, second)]
-        if None in keys:
-            continue
-        files = [out / "models" / f"{key}.safetensors" for key in keys]
-        if not all(f.is_file() for f in files):
-            lines.append(f"- `{name}`: the models of seed {seed} are not in this output folder (kept: `plots/{name}/`)")
-            continue
-        models = [load_keskar(f, study.hidden, study.depth) for f in files]
-        paths = interpolate_models(*models, data, out / "plots" / name, second_split="test")
-        lines.append(f"- `{name}`: {keys[0]} -> {keys[1]}: `{paths['png'].relative_to(out)}`")
-    return lines
+    return lines + interpolation_lines(out, pairs, data, study.hidden, study.depth, seed=seed, second_split="test")
 
 
 def sharpness_notes(study: GhostStudyArguments, cells: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -1273,19 +806,7 @@ def sharpness_notes(study: GhostStudyArguments, cells: dict[str, list[dict[str, 
         return [*lines, "", "(No final model of the reference cell in this output folder: box comparison skipped.)"]
     model = load_keskar(models / f"{record['key']}.safetensors", study.hidden, study.depth)
     box = subspace_box_comparison(model, study.subspace_dim, study.sharpness_epsilon)
-    lines += [
-        "",
-        "Subspace box vs the authors': `RandomSubspace` draws `A` (n x M) with standard normal entries, so each "
-        f"random direction has length ~sqrt(n) = {box['sqrt_n']:.0f} (measured median {box['median_column_norm']:.0f})"
-        "; the authors normalize each random direction to unit length (the rows of their M x n matrix). The box "
-        "rule `|y| <= eps (|A^+ x0| + 1)` is not invariant to that scale: in our coordinates theirs is "
-        "`|y_j| <= eps (|(A^+ x0)_j| + 1/d_j)`. The public API has no option for normalized directions, so the "
-        f"difference is recorded, not removed: on `{record['key']}` (|A^+ x0| median "
-        f"{box['median_abs_pinv_x0']:.3g}) our half-widths are {box['median_ratio']:.3g} times theirs (median over "
-        f"the M coordinates; range {box['min_ratio']:.3g} to {box['max_ratio']:.3g}). Subspace values here are "
-        "therefore not comparable in scale to the paper's; comparisons between our arms are.",
-    ]
-    return lines
+    return [*lines, "", subspace_box_note(record["key"], box)]
 
 
 # ---------------------------------------------------------------------------------------------------- main

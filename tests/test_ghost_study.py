@@ -6,14 +6,19 @@ from __future__ import annotations
 import copy
 import json
 import math
-import statistics
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_script
+from study_kit.chunk_sam import SAM_EPS
+from study_kit.ledger import read_runs
+from study_kit.stats import paired_interval
+from study_kit.sweep import extension_point
 from test_study import fashion_mnist_available
 from transformers import TrainerCallback
+
+from hf_smoothout import SmoothOutTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 GHOST, LARGE, SMALL = 16, 64, 16
@@ -63,22 +68,36 @@ def synthetic_data(n: int = 96, seed: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- pieces
-def test_lr_rule_schedule_and_step_counts():
+def test_each_arm_gets_the_lr_rule_and_the_step_schedule_of_its_batch():
     s = study_module
     default = s.GhostStudyArguments()
-    assert s.scaled_lr(default, 4096) == pytest.approx(0.1 * math.sqrt(32))  # lr * (B / ghost) ** 0.5
-    assert s.scaled_lr(default, 128) == pytest.approx(0.1)
-    assert s.update_steps_per_epoch(55000, 128, 32) == 14 == s.update_steps_per_epoch(55000, 4096, 1)
-    assert s.milestone_steps(default, 14) == [140, 280, 420]  # epochs 10 / 20 / 30 of 50
-    assert s.milestone_steps(s.GhostStudyArguments(epochs=10), 14) == [28, 56, 84]  # scaled with --epochs
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
-    sched = s.step_scheduler(opt, [2, 4, 6], 0.1)
-    lrs = []
-    for _ in range(8):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([0.5, 0.5, 0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005])
+    ghost, naive, small = (s.arm_schedule(default, s.ARMS[n], 55000) for n in ("ghost", "naive", "small_baseline"))
+    assert ghost["lr"] == naive["lr"] == pytest.approx(0.1 * math.sqrt(32))  # lr * (B / ghost) ** 0.5
+    assert small["lr"] == pytest.approx(0.1)
+    assert ghost["steps_per_epoch"] == naive["steps_per_epoch"] == 14 and small["steps_per_epoch"] == 430
+    assert ghost["milestone_steps"] == [140, 280, 420]  # epochs 10 / 20 / 30 of 50
+    assert s.arm_schedule(s.GhostStudyArguments(epochs=10), s.ARMS["ghost"], 55000)["milestone_steps"] == [28, 56, 84]
+    linear = s.GhostStudyArguments(lr_rule="linear")
+    assert s.arm_schedule(linear, s.ARMS["sam"], 55000)["lr"] == pytest.approx(0.1 * 32)
+
+
+def test_every_recorded_run_gets_the_same_key_lr_and_step_schedule_today():
+    """The ledger stays reusable: each run recorded in ``study/runs/fmnist_ghost/runs.jsonl`` gets, from today's
+    code and its recorded settings, the key it was stored under and the LR and LR-drop steps it trained with."""
+    ledger = ROOT / "study" / "runs" / "fmnist_ghost" / "runs.jsonl"
+    runs = read_runs(ledger).values()
+    assert len(runs) >= 72
+    for record in runs:
+        study = study_module.GhostStudyArguments(**record["settings"])
+        arm = study_module.ARMS[record["arm"]]
+        key = study_module.run_key(record["phase"], record["batch"], arm.name, record["value"], record["seed"])
+        assert key == record["key"]
+        schedule = study_module.arm_schedule(study, arm, 55000)  # max_train_samples None: 60,000 - 5,000
+        assert schedule["lr"] == record["lr"]  # bit for bit
+        assert schedule["milestone_steps"] == record["milestone_steps"]
+        assert schedule["steps_per_epoch"] == record["steps_per_epoch"]
+        assert study_module.micro_and_accumulation(study, arm) == (record["micro_batch"], record["accumulation"])
+        assert study_module.run_settings(study, record["phase"]) == record["settings"]
 
 
 def test_ghost_arm_accumulates_chunks_and_naive_arm_does_not(tmp_path):
@@ -153,7 +172,7 @@ def test_chunk_sam_step_restores_weights_and_uses_the_sam_gradient(tmp_path):
     model.train()
     generator = torch.Generator().manual_seed(3)
     batch = {"pixel_values": torch.randn(12, 784, generator=generator), "labels": torch.arange(12) % 10}
-    args = s.SmoothOutTrainingArguments(
+    args = SmoothOutTrainingArguments(
         output_dir=str(tmp_path / "sam"), smoothout_strength=0.0, use_cpu=True, report_to="none"
     )
     rho = 0.5
@@ -171,7 +190,7 @@ def test_chunk_sam_step_restores_weights_and_uses_the_sam_gradient(tmp_path):
     stats_after_one_pass = copy.deepcopy(reference.state_dict())  # BN statistics after the clean pass only
     with torch.no_grad():
         for p, x in zip(ref_params, g, strict=True):
-            p.add_(rho * x / (norm + s.SAM_EPS))
+            p.add_(rho * x / (norm + SAM_EPS))
     sam_grad = torch.autograd.grad(reference(**batch)["loss"], ref_params)
 
     loss = trainer.training_step(model, batch)
@@ -189,7 +208,7 @@ def test_chunk_sam_step_restores_weights_and_uses_the_sam_gradient(tmp_path):
     assert loss.item() == pytest.approx(clean.item() / 2)  # the clean loss is what gets logged
 
     with pytest.raises(ValueError, match="SAM alone"):
-        s.ChunkSAMTrainer(model, s.SmoothOutTrainingArguments(output_dir=str(tmp_path / "x")), sam_rho=0.1)
+        s.ChunkSAMTrainer(model, SmoothOutTrainingArguments(output_dir=str(tmp_path / "x")), sam_rho=0.1)
 
 
 def test_one_draw_per_step_arm_holds_the_noise_over_the_window(tmp_path):
@@ -213,16 +232,16 @@ def test_sweep_extends_from_an_edge_up_to_the_limit(tmp_path):
         key = s.run_key("sweep", LARGE, "adasmoothout", value, study.sweep_seed)
         runs[key] = {"key": key, "validation_accuracy": accuracy}
 
-    assert s.sweep_state(study, arm, runs).todo == [0.01, 0.1]
+    assert s.arm_sweep(study, arm, runs).todo == [0.01, 0.1]
     score(0.01, 0.5)
     score(0.1, 0.7)  # best at the upper edge -> one log step (x10) further
-    state = s.sweep_state(study, arm, runs)
+    state = s.arm_sweep(study, arm, runs)
     assert state.todo == [1.0] and state.extensions == [1.0] and state.chosen is None
     score(1.0, 0.8)  # still the edge -> a second extension
-    state = s.sweep_state(study, arm, runs)
+    state = s.arm_sweep(study, arm, runs)
     assert state.todo == [10.0] and state.extensions == [1.0, 10.0]
     score(10.0, 0.9)  # edge again, but the limit of two extensions is reached
-    state = s.sweep_state(study, arm, runs)
+    state = s.arm_sweep(study, arm, runs)
     assert state.todo == [] and state.chosen == 10.0 and state.at_edge
     # interior best: no extension
     runs.clear()
@@ -230,30 +249,8 @@ def test_sweep_extends_from_an_edge_up_to_the_limit(tmp_path):
     score(0.01, 0.5)
     score(0.03, 0.9)
     score(0.1, 0.6)
-    state = s.sweep_state(study, arm, runs)
+    state = s.arm_sweep(study, arm, runs)
     assert state.todo == [] and state.chosen == 0.03 and state.extensions == []
-    assert s.extension_point([1e-4, 3e-4], low=True) == pytest.approx(3.33e-5)
-
-
-def test_ledger_ignores_a_truncated_last_line(tmp_path):
-    s = study_module
-    path = tmp_path / "runs.jsonl"
-    s.append_run(path, {"key": "a", "x": 1})
-    path.write_text(path.read_text() + '{"key": "b", "x": ')  # killed while writing
-    assert list(s.read_runs(path)) == ["a"]
-    s.append_run(path, {"key": "c"})
-    assert list(s.read_runs(path)) == ["a", "c"]
-    assert all(json.loads(line) for line in path.read_text().splitlines())
-
-
-def test_paired_interval_is_a_t_interval():
-    from scipy.stats import t
-
-    diffs = [0.5, 1.5, 1.0, 2.0]
-    mean, low, high = study_module.paired_interval(diffs)
-    half = t.ppf(0.975, 3) * statistics.stdev(diffs) / 2
-    assert (mean, low, high) == pytest.approx((1.25, 1.25 - half, 1.25 + half))
-    assert study_module.paired_interval([1.0]) == (1.0, None, None)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -290,7 +287,7 @@ def test_study_end_to_end_resumes_and_reports(tmp_path, capsys):
 
     # sweeps: complete, extended from edges (two-point grids always start at an edge), validation only
     for name in ("smoothout", "adasmoothout", "sam", "small_smoothout", "small_adasmoothout"):
-        state = s.sweep_state(study, s.ARMS[name], runs)
+        state = s.arm_sweep(study, s.ARMS[name], runs)
         assert state.todo == [] and state.chosen is not None
         base = sorted(getattr(study, s.ARMS[name].grid))
         if len(base) == 2:
@@ -298,7 +295,7 @@ def test_study_end_to_end_resumes_and_reports(tmp_path, capsys):
             assert not state.at_edge or len(state.extensions) == 2
         grid = base
         for point in state.extensions:  # each extension is one log step beyond the then-edge
-            assert point in (s.extension_point(grid, low=True), s.extension_point(grid, low=False))
+            assert point in (extension_point(grid, low=True), extension_point(grid, low=False))
             grid = sorted([*grid, point])
         assert grid == state.grid
     sweeps = [r for r in runs.values() if r["phase"] == "sweep"]
@@ -335,7 +332,7 @@ def test_study_end_to_end_resumes_and_reports(tmp_path, capsys):
     assert "## Paired difference to the ghost-BN baseline" in text and "95 % t-interval" in text
     by = {(r["arm"], r["seed"]): r["test_accuracy"] for r in finals}
     diffs = [round(100 * (by[("adasmoothout", sd)] - by[("ghost", sd)]), 10) + 0.0 for sd in (0, 1)]
-    mean, low, high = s.paired_interval(diffs)
+    mean, low, high = paired_interval(diffs)
     assert f"| adasmoothout | 2 | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] |" in text
     assert "Differences from the authors'" in text and "Large-batch gap" in text
     assert (out / "plots" / "test_accuracy_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -376,6 +373,7 @@ def test_study_end_to_end_resumes_and_reports(tmp_path, capsys):
 def test_summaries_of_a_diverged_cell_say_so_instead_of_failing():
     """A diverged arm (no de-noising) has NaN sharpness on every seed: the report must still render."""
     from study_kit import stats
+
     assert stats.mean_std([0.9, 0.92], scale=100) == "91.00 ± 1.41"
     assert stats.mean_std([float("nan"), float("nan"), float("nan")]) == "n/a (3 of 3 non-finite)"
     assert stats.mean_std([1.0, float("inf")]) == "n/a (1 of 2 non-finite)"

@@ -2,10 +2,12 @@
 
 * :class:`KeskarMLP` -- the fully connected net with batch norm the studies train.
 * :func:`load_data` -- train / validation (stratified, carved from train) / test (official ``t10k``).
-* :func:`read_runs`, :func:`append_run` -- the ``runs.jsonl`` ledger that makes the studies resumable; a
-  partially written last line (a run killed while writing) is ignored and cut off before the next append.
-* :func:`measure_sharpness_of`, :func:`sharpness_batches` -- epsilon-sharpness and top Hessian eigenvalue.
-* :func:`interpolate_models` -- the 1-D interpolation plot between two trained models.
+* :func:`read_runs`, :func:`append_run` -- the ``runs.jsonl`` ledger (defined in :mod:`study_kit.ledger`).
+* :func:`measure_sharpness_of`, :func:`sharpness_batches`, :func:`measure_sharpness` -- epsilon-sharpness and top
+  Hessian eigenvalue (the last with a study's sharpness settings).
+* :func:`save_weights`, :func:`load_keskar` -- a trained model to and from a ``.safetensors`` file.
+* :func:`interpolate_models`, :func:`interpolation_lines` -- the 1-D interpolation plot between two trained
+  models, and the report's lines for a list of saved model pairs.
 
 The studies import it as ``study_kit.fmnist_common`` (installed with the package from a checkout).
 
@@ -18,21 +20,19 @@ Example:
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import EvalPrediction
 
 from hf_smoothout.analysis import epsilon_sharpness, hessian_top_eigenvalue, interpolation_landscape, save_landscape
+
+from .ledger import append_run as append_run  # re-exported for code that imports the ledger from here
+from .ledger import read_runs as read_runs
 
 # alpha in [0, 1] only: beyond it the batch-norm running variances extrapolate to negative values and the
 # loss is undefined.
@@ -210,60 +210,10 @@ def evaluate_accuracy(model: nn.Module, data: TensorExamples, batch_size: int = 
     return correct / max(len(data), 1)
 
 
-def read_runs(path: Path) -> dict[str, dict[str, Any]]:
-    """Records of ``runs.jsonl`` by key; a line that does not parse (a write cut off by a kill) is ignored.
-
-    Example:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "runs.jsonl"
-        >>> _ = path.write_text('{"key": "a"}\\n{"key": "b", "trunc')
-        >>> list(read_runs(path))
-        ['a']
-    """
-    if not path.is_file():
-        return {}
-    runs = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"Ignoring an unreadable line of {path} (cut off while writing): {line[:80]!r}", file=sys.stderr)
-            continue
-        if isinstance(record, dict) and "key" in record:
-            runs[record["key"]] = record
-    return runs
-
-
-def append_run(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` as one JSON line, durably (flush + fsync).
-
-    A partial last line (no trailing newline: the process was killed mid-write) is cut off first, so the
-    new record never fuses with it. An exclusive lock makes appends from stage processes that run side by
-    side (e.g. ``--stage core --seeds 0 1`` beside ``--stage small``) safe.
-
-    Example:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "runs.jsonl"
-        >>> _ = path.write_text('{"key": "a"}\\n{"key": "b", "trunc')
-        >>> append_run(path, {"key": "c"})
-        >>> list(read_runs(path))
-        ['a', 'c']
-    """
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The model's state dict (on the CPU) as a ``.safetensors`` file; :func:`load_keskar` reads it back."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # stage processes running side by side share the ledger
-        try:
-            f.seek(0)
-            content = f.read()
-            if content and not content.endswith(b"\n"):
-                f.truncate(content.rfind(b"\n") + 1)
-            f.write((json.dumps(record) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 def load_keskar(path: Path, hidden: int, depth: int) -> KeskarMLP:
@@ -305,6 +255,21 @@ def measure_sharpness_of(
     return out
 
 
+def measure_sharpness(
+    model: nn.Module, train: TensorExamples, options: MLPStudyOptions, subspace_dim: int | None = None
+) -> dict[str, float]:
+    """:func:`measure_sharpness_of` on the fixed training subset, with the sharpness settings of ``options``."""
+    return measure_sharpness_of(
+        model,
+        sharpness_batches(train, options.sharpness_samples),
+        epsilon=options.sharpness_epsilon,
+        iterations=options.sharpness_iterations,
+        repeats=options.sharpness_repeats,
+        hessian_iterations=options.hessian_iterations,
+        subspace_dim=subspace_dim,
+    )
+
+
 def interpolate_models(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -323,3 +288,32 @@ def interpolate_models(
         model_a, model_b, loaders, alphas=INTERPOLATION_ALPHAS, max_batches=None, progress=False
     )
     return save_landscape(result, folder)
+
+
+def interpolation_lines(
+    out: Path,
+    pairs: list[tuple[str, str, str]],
+    data: dict[str, TensorExamples],
+    hidden: int,
+    depth: int,
+    *,
+    seed: int,
+    second_split: str = "validation",
+) -> list[str]:
+    """Interpolate each ``(name, key_a, key_b)`` pair of saved models (``out/models/<key>.safetensors``) into
+    ``out/plots/<name>/``; one report line per pair (or a line saying its models of ``seed`` are not there).
+
+    Example:
+        >>> interpolation_lines(Path("/tmp/none"), [("a_vs_b", "k1", "k2")], {}, 8, 1, seed=0)
+        ['- `a_vs_b`: the models of seed 0 are not in this output folder (kept: `plots/a_vs_b/`)']
+    """
+    lines = []
+    for name, *keys in pairs:
+        files = [out / "models" / f"{key}.safetensors" for key in keys]
+        if not all(f.is_file() for f in files):
+            lines.append(f"- `{name}`: the models of seed {seed} are not in this output folder (kept: `plots/{name}/`)")
+            continue
+        models = [load_keskar(f, hidden, depth) for f in files]
+        paths = interpolate_models(*models, data, out / "plots" / name, second_split=second_split)
+        lines.append(f"- `{name}`: {keys[0]} -> {keys[1]}: `{paths['png'].relative_to(out)}`")
+    return lines
