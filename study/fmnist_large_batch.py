@@ -28,37 +28,39 @@ Tiny settings (for tests):
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import statistics
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
-from study_kit import fmnist_common
+from study_kit import fmnist_common, ledger
 from study_kit.fmnist_common import (
     INTERPOLATION_ALPHAS,
     KeskarMLP,
     MLPStudyOptions,
     TensorExamples,
     accuracy,
-    append_run,
-    interpolate_models,
+    interpolation_lines,
     load_keskar,
-    measure_sharpness_of,
+    measure_sharpness,
     read_idx_split,
-    read_runs,
-    sharpness_batches,
+    save_weights,
     stratified_split,
 )
+from study_kit.ledger import read_runs
+from study_kit.report import large_batch_header, paired_differences
+from study_kit.schedule import scale_learning_rate
 from study_kit.stats import mean_std
+from study_kit.sweep import best_value
+from study_kit.training import study_training_arguments
 from torch import nn
 from transformers import HfArgumentParser
 
-from hf_smoothout import SmoothOutConfig, SmoothOutTrainer, SmoothOutTrainingArguments
+from hf_smoothout import SmoothOutConfig, SmoothOutTrainer
 from hf_smoothout.modelcard import markdown_table, write_model_card, write_run_info, write_study_rows
 
 __all__ = [  # re-exported from fmnist_common: this study's public names are unchanged
@@ -104,14 +106,14 @@ def load_data(study: StudyArguments) -> dict[str, TensorExamples]:
     )
 
 
-def scaled_lr(study: StudyArguments, batch: int) -> float:
-    ratio = batch / study.small_batch
-    factor = {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[study.lr_rule]
-    return study.base_lr * factor
+def batch_lr(study: StudyArguments, batch: int) -> float:
+    """The LR at ``batch``: ``--base_lr`` at the small batch, scaled by ``--lr_rule``."""
+    return scale_learning_rate(study.base_lr, batch, study.small_batch, study.lr_rule)
 
 
 def run_key(phase: str, batch: int, method: str, strength: float, seed: int) -> str:
-    return f"{phase}-b{batch}-{method}-a{strength:g}-s{seed}"
+    """``<phase>-b<batch>-<method>-a<strength>-s<seed>``."""
+    return ledger.run_key(phase, batch, method, strength, seed, tag="a")
 
 
 def train_one(
@@ -122,29 +124,22 @@ def train_one(
     method: str,
     strength: float,
     seed: int,
-) -> tuple[dict[str, Any], nn.Module]:
-    """Train one model; returns its record and the trained model."""
+) -> dict[str, Any]:
+    """Train one model; returns its record."""
     out = Path(study.output_dir)
     key = run_key(phase, batch, method, strength, seed)
-    args = SmoothOutTrainingArguments(
+    args = study_training_arguments(
         output_dir=str(out / "trainer" / key),
         seed=seed,
         num_train_epochs=study.epochs,
         per_device_train_batch_size=batch,
         per_device_eval_batch_size=2048,
-        learning_rate=scaled_lr(study, batch),
+        learning_rate=batch_lr(study, batch),
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=study.max_grad_norm,
         use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="epoch",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_drop_last=False,
         smoothout_strength=strength,
         smoothout_adapt=METHODS[method],
     )
@@ -178,37 +173,20 @@ def train_one(
         train_eval = data["train"].subset(10000, seed=3)
         record["train_accuracy"] = trainer.evaluate(train_eval, metric_key_prefix="train")["train_accuracy"]
         record["gap"] = record["train_accuracy"] - record["test_accuracy"]
-        record.update(measure(study, model, data["train"]))
-        (out / "models").mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "models" / f"{key}.safetensors")
-        )
-    return record, model
-
-
-def measure(study: StudyArguments, model: nn.Module, train: TensorExamples) -> dict[str, float]:
-    return measure_sharpness_of(
-        model,
-        sharpness_batches(train, study.sharpness_samples),
-        epsilon=study.sharpness_epsilon,
-        iterations=study.sharpness_iterations,
-        repeats=study.sharpness_repeats,
-        hessian_iterations=study.hessian_iterations,
-    )
+        record.update(measure_sharpness(model, data["train"], study))
+        save_weights(model, out / "models" / f"{key}.safetensors")
+    return record
 
 
 def best_strengths(study: StudyArguments, runs: dict[str, dict[str, Any]]) -> dict[tuple[int, str], float]:
-    """Per (batch, method), the sweep strength with the highest validation accuracy."""
+    """Per (batch, method), the sweep strength with the highest validation accuracy (ties: the larger)."""
     best: dict[tuple[int, str], float] = {}
     for batch in (study.small_batch, study.large_batch):
         for method, grid in (("smoothout", study.strengths_none), ("adasmoothout", study.strengths_filter)):
-            scored = [
-                (runs[run_key("sweep", batch, method, a, study.sweep_seed)]["validation_accuracy"], a)
-                for a in grid
-                if run_key("sweep", batch, method, a, study.sweep_seed) in runs
-            ]
-            if scored:
-                best[(batch, method)] = max(scored)[1]
+            keys = {a: run_key("sweep", batch, method, a, study.sweep_seed) for a in grid}
+            chosen = best_value((a, runs[key]["validation_accuracy"]) for a, key in keys.items() if key in runs)
+            if chosen is not None:
+                best[(batch, method)] = chosen
     return best
 
 
@@ -236,12 +214,10 @@ def run_stage(study: StudyArguments, stage: str, data: dict[str, TensorExamples]
     runs = read_runs(path)
     for phase, batch, method, strength, seed in list(planned_runs(study, stage, runs)):
         key = run_key(phase, batch, method, strength, seed)
-        if key in runs:
-            continue
-        record, _ = train_one(study, data, phase, batch, method, strength, seed)
-        append_run(path, record)
-        runs[key] = record
-        print(json.dumps(record), flush=True)
+        train = partial(train_one, study, data, phase, batch, method, strength, seed)
+        record, trained = ledger.run_once(path, runs, key, train)
+        if trained:
+            print(json.dumps(record), flush=True)
 
 
 def load_model(study: StudyArguments, key: str) -> nn.Module:
@@ -291,8 +267,7 @@ def report(study: StudyArguments, data: dict[str, TensorExamples]) -> str:
     for method in METHODS:
         small = {r["seed"]: r["test_accuracy"] for r in by_cell.get((study.small_batch, method), [])}
         large = {r["seed"]: r["test_accuracy"] for r in by_cell.get((study.large_batch, method), [])}
-        diffs = [small[s] - large[s] for s in sorted(small) if s in large]
-        lines.append(f"| {method} | {mean_std(diffs, 100)} |")
+        lines.append(f"| {method} | {mean_std(paired_differences(small, large, sorted(small)), 100)} |")
     lines += interpolation_plots(study, data, runs, best)
     lines += export_best_runs(study, data, by_cell, header, rows)
     text = "\n".join(lines) + "\n"
@@ -302,17 +277,7 @@ def report(study: StudyArguments, data: dict[str, TensorExamples]) -> str:
 
 def final_table(by_cell: dict[tuple[int, str], list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per (batch, method) cell, sorted) of the final-runs table."""
-    header = [
-        "batch",
-        "method",
-        "strength",
-        "test acc %",
-        "train acc %",
-        "train-test gap %",
-        "eps-sharpness",
-        "Hessian top eig",
-        "time/run s",
-    ]
+    header = large_batch_header("eps-sharpness")
     rows = [
         [
             str(batch),
@@ -420,7 +385,12 @@ def run_info(study: StudyArguments, data: dict[str, TensorExamples], record: dic
     }
 
 
-def interpolation_plots(study, data, runs, best) -> list[str]:
+def interpolation_plots(
+    study: StudyArguments,
+    data: dict[str, TensorExamples],
+    runs: dict[str, dict[str, Any]],
+    best: dict[tuple[int, str], float],
+) -> list[str]:
     """1-D interpolations (seed = first final seed): small vs large baseline; baseline vs SmoothOut at large batch."""
     seed = study.seeds[0]
     small = run_key("final", study.small_batch, "baseline", 0.0, seed)
@@ -436,13 +406,8 @@ def interpolation_plots(study, data, runs, best) -> list[str]:
         "interpolated; loss and accuracy on 2,000 training and 2,000 test examples):",
         "",
     ]
-    for name, key_a, key_b in pairs:
-        if key_a not in runs or key_b not in runs:
-            continue
-        folder = Path(study.output_dir) / "plots" / name
-        paths = interpolate_models(load_model(study, key_a), load_model(study, key_b), data, folder)
-        lines.append(f"- `{name}`: {key_a} -> {key_b}: `{paths['png'].relative_to(study.output_dir)}`")
-    return lines
+    pairs = [(name, a, b) for name, a, b in pairs if a in runs and b in runs]
+    return lines + interpolation_lines(Path(study.output_dir), pairs, data, study.hidden, study.depth, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> None:

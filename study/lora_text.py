@@ -37,8 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from study_kit.runner import execute, optional_flags, recipe_results
+from study_kit.report import paired_differences
+from study_kit.runner import optional_flags, recipe_results, run_recipe
 from study_kit.stats import mean_std, paired_interval
+from study_kit.sweep import best_value, check_sweep_split
 from transformers import HfArgumentParser
 
 from hf_smoothout.modelcard import markdown_table
@@ -82,10 +84,7 @@ class LoraStudyArguments:
 
     def check(self) -> None:
         """Fail before any run for settings that cannot work."""
-        if not 0.0 < self.holdout_fraction < 1.0:
-            raise ValueError(f"--holdout_fraction must be in (0, 1), got {self.holdout_fraction}.")
-        if self.sweep_seed in self.seeds:
-            raise ValueError("--sweep_seed must differ from the final --seeds (the sweep must not pick their noise).")
+        check_sweep_split(self)
         unknown = [t for t in self.tasks if t not in TASK_LABELS]
         if unknown:
             raise ValueError(f"--tasks: {unknown} have no offline stand-in; choose from {sorted(TASK_LABELS)}.")
@@ -152,14 +151,11 @@ def results(study: LoraStudyArguments, run: Run) -> dict[str, Any] | None:
 
 
 def train(study: LoraStudyArguments, runs: list[Run]) -> None:
+    """Run the recipe for every run that has no results yet."""
     for run in runs:
-        if results(study, run) is not None:
-            continue
-        folder = run.folder(study)
-        what = f"{run.phase} {run.task} {run.name}"
-        execute(recipe_command(study, run), folder.parent / f"{folder.name}.log", what)
-        key = {"sweep": "holdout_accuracy", "final": "eval_accuracy", "cost": "train_runtime"}[run.phase]
-        print(f"{what}: {key} {results(study, run)[key]:.4f}", flush=True)
+        if results(study, run) is None:
+            measure = {"sweep": "holdout_accuracy", "final": "eval_accuracy", "cost": "train_runtime"}[run.phase]
+            run_recipe(recipe_command(study, run), run.folder(study), f"{run.phase} {run.task} {run.name}", measure)
 
 
 def grid(study: LoraStudyArguments, arm: str) -> list[float]:
@@ -180,13 +176,10 @@ def chosen_strengths(study: LoraStudyArguments, task: str) -> dict[str, float]:
     """Per arm, the swept strength with the best holdout accuracy (ties: the smaller strength)."""
     chosen = {"lora": 0.0}
     for arm in ARMS:
-        scored = [
-            (results(study, run)["holdout_accuracy"], -run.strength, run.strength)
-            for run in sweep_runs(study)
-            if run.task == task and run.arm == arm and results(study, run) is not None
-        ]
-        if scored:
-            chosen[arm] = max(scored)[2]
+        done = [(run.strength, results(study, run)) for run in sweep_runs(study) if (run.task, run.arm) == (task, arm)]
+        best = best_value(((a, res["holdout_accuracy"]) for a, res in done if res is not None), prefer="smaller")
+        if best is not None:
+            chosen[arm] = best
     return chosen
 
 
@@ -241,7 +234,7 @@ def task_table(study: LoraStudyArguments, task: str, times: dict[str, float]) ->
         if not done:
             continue
         base = {seed: r["eval_accuracy"] for seed, r in accuracy["lora"].items() if r is not None}
-        pairs = [done[s] - base[s] for s in done if s in base]
+        pairs = paired_differences(done, base, done)
         diff = "-"
         if arm != "lora" and pairs:
             mean, low, high = paired_interval(pairs)

@@ -32,11 +32,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from study_kit.runner import execute, optional_flags, recipe_results
+from study_kit.report import large_batch_header, paired_differences, table_lines
+from study_kit.runner import execute, optional_flags, recipe_results, run_recipe
 from study_kit.stats import mean_std
+from study_kit.sweep import best_value, check_sweep_split
 from transformers import HfArgumentParser
 
-from hf_smoothout.modelcard import markdown_table, write_model_card, write_study_rows
+from hf_smoothout.modelcard import write_model_card, write_study_rows
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "glue.py"
 METHODS = {"baseline": None, "smoothout": "none", "adasmoothout": "filter"}
@@ -86,10 +88,7 @@ class TextStudyArguments:
 
     def check(self) -> None:
         """Fail before any run for settings that cannot work."""
-        if not 0.0 < self.holdout_fraction < 1.0:
-            raise ValueError(f"--holdout_fraction must be in (0, 1), got {self.holdout_fraction}.")
-        if self.sweep_seed in self.seeds:
-            raise ValueError("--sweep_seed must differ from the final --seeds (the sweep must not pick their noise).")
+        check_sweep_split(self)
         if self.per_device_batch < 1 or self.accumulation < 2:
             raise ValueError("Need --per_device_batch >= 1 and --accumulation >= 2 (large batch > small batch).")
         if any(a <= 0 for a in [*self.strengths_none, *self.strengths_filter]):
@@ -189,13 +188,11 @@ def results(study: TextStudyArguments, run: Run) -> dict[str, Any] | None:
 
 
 def train(study: TextStudyArguments, runs: list[Run]) -> None:
+    """Run the recipe for every run that has no results yet."""
     for run in runs:
-        if results(study, run) is not None:
-            continue
-        folder = run.folder(study)
-        execute(recipe_command(study, run), folder.parent / f"{folder.name}.log", f"{run.phase} run {run.name}")
-        key = "holdout_accuracy" if run.phase == "sweep" else "eval_accuracy"
-        print(f"{run.phase} {run.name}: {key} {results(study, run)[key]:.4f}", flush=True)
+        if results(study, run) is None:
+            measure = "holdout_accuracy" if run.phase == "sweep" else "eval_accuracy"
+            run_recipe(recipe_command(study, run), run.folder(study), f"{run.phase} {run.name}", measure)
 
 
 def sweep_runs(study: TextStudyArguments) -> list[Run]:
@@ -210,13 +207,10 @@ def chosen_strengths(study: TextStudyArguments) -> dict[str, float]:
     """Per method, the swept strength with the best holdout accuracy (ties: the smaller strength)."""
     chosen = {"baseline": 0.0}
     for method in ("smoothout", "adasmoothout"):
-        scored = [
-            (results(study, run)["holdout_accuracy"], -run.strength, run.strength)
-            for run in sweep_runs(study)
-            if run.method == method and results(study, run) is not None
-        ]
-        if scored:
-            chosen[method] = max(scored)[2]
+        done = [(run.strength, results(study, run)) for run in sweep_runs(study) if run.method == method]
+        best = best_value(((a, res["holdout_accuracy"]) for a, res in done if res is not None), prefer="smaller")
+        if best is not None:
+            chosen[method] = best
     return chosen
 
 
@@ -327,17 +321,7 @@ def measure_cell(measured: list[dict[str, float]], name: str, digits: int) -> st
 
 def final_rows(study: TextStudyArguments) -> tuple[list[str], list[tuple[str, list[Run], list[str]]]]:
     """Header and, per cell, (cell label, its finished runs, its cells) of the final-runs table."""
-    header = [
-        "batch",
-        "method",
-        "strength",
-        "test acc %",
-        "train acc %",
-        "train-test gap %",
-        "eps-sharpness (10-D)",
-        "Hessian top eig",
-        "time/run s",
-    ]
+    header = large_batch_header("eps-sharpness (10-D)")
     cells: dict[tuple[int, str], list[Run]] = {}
     for run in final_runs(study):
         if results(study, run) is not None:
@@ -366,10 +350,6 @@ def final_rows(study: TextStudyArguments) -> tuple[list[str], list[tuple[str, li
             )
         )
     return header, rows
-
-
-def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
-    return markdown_table(header, rows).splitlines()
 
 
 def describe(study: TextStudyArguments) -> str:
@@ -413,20 +393,17 @@ def gap_lines(study: TextStudyArguments) -> list[str]:
     """Small-batch baseline minus each large-batch method, paired by seed."""
     if not study.small_batch_baseline:
         return []
-    small = {
-        seed: res["eval_accuracy"]
-        for seed in study.seeds
-        if (res := results(study, Run("final", "baseline", 0.0, seed, study.per_device_batch)))
-    }
+
+    def accuracy(method: str, strength: float, batch: int) -> dict[int, float]:
+        found = {seed: results(study, Run("final", method, strength, seed, batch)) for seed in study.seeds}
+        return {seed: res["eval_accuracy"] for seed, res in found.items() if res}
+
+    small = accuracy("baseline", 0.0, study.per_device_batch)
     chosen = chosen_strengths(study)
     rows = []
     for method in METHODS:
-        diffs = []
-        for seed in study.seeds:
-            res = results(study, Run("final", method, chosen[method], seed, large_batch(study)))
-            if res is not None and seed in small:
-                diffs.append(small[seed] - res["eval_accuracy"])
-        rows.append([method, mean_std(diffs, scale=100)])
+        large = accuracy(method, chosen[method], large_batch(study))
+        rows.append([method, mean_std(paired_differences(small, large, study.seeds), scale=100)])
     return [
         "",
         "Large-batch gap (small-batch baseline minus large-batch test accuracy, paired by seed, points):",

@@ -142,6 +142,16 @@ def test_the_ghost_study_real_configuration_keeps_its_milestones_and_learning_ra
             assert schedule.milestone_steps(study.lr_milestones, epochs * steps) == former, (epochs, steps)
 
 
+def test_the_large_batch_study_defaults_keep_their_learning_rates():
+    """``fmnist_large_batch.py``: LR 0.05 at batch 128 with the sqrt rule; no milestones (linear decay)."""
+    large_study = load_script(ROOT / "study" / "fmnist_large_batch.py")
+    study = large_study.StudyArguments()
+    assert (study.base_lr, study.small_batch, study.large_batch, study.lr_rule) == (0.05, 128, 4096, "sqrt")
+    assert large_study.batch_lr(study, 128) == 0.05
+    assert large_study.batch_lr(study, 4096) == 0.28284271247461906 == 0.05 * math.sqrt(32)
+    assert large_study.run_key("final", 4096, "smoothout", 0.004, 0) == "final-b4096-smoothout-a0.004-s0"
+
+
 # ---------------------------------------------------------------------------------------------- report
 def test_a_paired_row_gives_the_mean_difference_in_points_with_its_t_interval():
     from scipy.stats import t

@@ -1,7 +1,7 @@
 """What the studies share (installed with the package from a checkout, like ``recipe_kit``), so that a study file
 holds its arms, its protocol and its command line:
 
-* `sweep` -- log-grid sweeps that extend from an edge, and the value they choose;
+* `sweep` -- log-grid sweeps that extend from an edge, the chosen value, the sweep's seed and holdout checks;
 * `ledger` -- the ``runs.jsonl`` ledger: run keys, reading, durable appends, reuse only with the same settings;
 * `schedule` -- the one large-batch LR rule and the one LR-milestone rule, steps per epoch, the step scheduler;
 * `report` -- markdown tables and sections, ``mean ± std`` cells, paired comparisons, per-epoch curves;

@@ -46,6 +46,17 @@ def table_lines(header: list[str], rows: Sequence[Sequence[str]], empty: str | N
     return markdown_table(header, rows).splitlines() if rows or empty is None else [empty]
 
 
+def large_batch_header(sharpness: str) -> list[str]:
+    """The columns of the large-batch studies' final table; ``sharpness`` names the epsilon-sharpness column.
+
+    Example:
+        >>> large_batch_header("eps-sharpness (10-D)")[-3:]
+        ['eps-sharpness (10-D)', 'Hessian top eig', 'time/run s']
+    """
+    measures = ["test acc %", "train acc %", "train-test gap %", sharpness, "Hessian top eig"]
+    return ["batch", "method", "strength", *measures, "time/run s"]
+
+
 def section(title: str, header: list[str], rows: Sequence[Sequence[str]], empty: str = "(no pairs yet)") -> list[str]:
     """A blank line, ``## title``, a blank line and :func:`table_lines`.
 

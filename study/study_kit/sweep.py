@@ -9,6 +9,7 @@ the grid, one more point goes one log step beyond that edge, until the best poin
 * :func:`run_sweep` -- runs the points a sweep still lacks, extensions included, until it has chosen.
 * :func:`best_value` -- the best-scoring value of a list of ``(value, score)`` pairs, ties to the larger or smaller.
 * :func:`point_label` -- a grid point as the report shows it (``0.01 (chosen)``, ``3.33 (extension)``).
+* :func:`check_sweep_split` -- a sweep must not use one of the final seeds, nor score on an empty holdout.
 
 Example:
     >>> scores = {0.01: 0.5, 0.1: 0.7}
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 
 def extension_point(grid: list[float], low: bool) -> float:
@@ -120,3 +121,20 @@ def point_label(state: SweepState, value: float) -> str:
     """
     marks = [m for m, on in (("chosen", value == state.chosen), ("extension", value in state.extensions)) if on]
     return f"{value:g}" + (f" ({', '.join(marks)})" if marks else "")
+
+
+def check_sweep_split(options: Any) -> None:
+    """Raise when ``options.holdout_fraction`` (where the options have one) is not in (0, 1), or when
+    ``options.sweep_seed`` is one of the final ``options.seeds`` (the sweep must not pick their noise).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_sweep_split(SimpleNamespace(holdout_fraction=0.1, sweep_seed=0, seeds=[0, 1]))
+        Traceback (most recent call last):
+        ValueError: --sweep_seed must differ from the final --seeds (the sweep must not pick their noise).
+    """
+    holdout = getattr(options, "holdout_fraction", 0.5)
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"--holdout_fraction must be in (0, 1), got {holdout}.")
+    if options.sweep_seed in options.seeds:
+        raise ValueError("--sweep_seed must differ from the final --seeds (the sweep must not pick their noise).")
