@@ -70,7 +70,10 @@ class Binding:
     def rebuild(self, placement: Placement | None = None) -> None:
         """Bind to the parameters' current storage (the weights must be clean)."""
         config, enabled = self.config, self.config.enabled
+        before = getattr(self, "placement", None)
         self.placement = placement or detect_placement(self.model, self.selected, self.rank, self.world_size)
+        if before is not None and type(before) is not type(self.placement):  # e.g. DeepSpeed partitioned the model
+            self.placement.check(config, self.selected)
         if enabled:
             self.placement.check_layout(self.model, self.selected)
         chosen = {id(sel.param) for sel in self.selected}

@@ -87,6 +87,7 @@ class Slot:
     index: int = 0  # position among the selected parameters (model order): names its sharded noise
     span: tuple[int, int, int] | None = None  # FSDP2 dim-0 shard: (global rows, first row here, rows here)
     global_shape: tuple[int, ...] = ()
+    flat: tuple[int, int, int] | None = None  # ZeRO-3 flat slice: (first global element, row stride, rows)
 
 
 @dataclass
@@ -170,7 +171,7 @@ def build_plan(
         slot = placement.slot(sel, index, row_scaled=enabled and row_scaled)
         if enabled and second_buffer:
             slot.backup = torch.empty_like(slot.data, memory_format=torch.contiguous_format)
-        if enabled and row_scaled:
+        if enabled and row_scaled and slot.norms is None:  # a placement may size them itself (ZeRO-3: per row)
             slot.norms = row_norm_buffers(slot.data, sel.row_axis)
         groups.setdefault((sel.param.device, sel.param.dtype, bool(slot.reduce_groups)), []).append(slot)
         slots.append(slot)

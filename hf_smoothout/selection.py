@@ -50,9 +50,21 @@ def is_normalization_layer(module: nn.Module) -> bool:
     return name.endswith("Norm") or name.endswith("Norm2d") or "LayerNorm" in name or "RMSNorm" in name
 
 
+def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the weight ``param`` stands for: DeepSpeed ZeRO-3 keeps an empty placeholder between forward
+    passes and the true shape in ``ds_shape``.
+
+    Example:
+        >>> logical_shape(torch.zeros(3, 4))
+        (3, 4)
+    """
+    shape = getattr(param, "ds_shape", None)
+    return tuple(int(s) for s in (shape if shape is not None else param.shape))
+
+
 def output_axis(module: nn.Module, local_name: str, param: torch.Tensor) -> int:
     """The axis of ``param`` (owned by ``module`` as ``local_name``) that indexes output units."""
-    if param.ndim < 2 or local_name != "weight":
+    if len(logical_shape(param)) < 2 or local_name != "weight":
         return 0
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return 1
@@ -99,7 +111,8 @@ def select_parameters(model: nn.Module, config: SmoothOutConfig) -> list[Selecte
                 continue
             seen.add(id(param))
             name = f"{module_name}.{local_name}" if module_name else local_name
-            if skip_module or not param.requires_grad or param.numel() == 0:
+            numel = int(getattr(param, "ds_numel", param.numel()))  # ZeRO-3: the partitioned weight's size
+            if skip_module or not param.requires_grad or numel == 0:
                 continue
             if not config.selects_name(name):
                 continue

@@ -126,6 +126,7 @@ class NoiseWindow:
             else:
                 binding.kernel.draw_and_apply(ctx, strength)
             restore.after_apply(plan)  # swap: the forward and backward pass now read the noisy buffers
+            binding.placement.release_copies(plan.slots)  # ZeRO-3: the next forward gathers the noisy slices
             if prefetch is not None:  # the next draw, on the background thread, during this forward
                 prefetch.start(self.key(self.draws + 1))
             self._arm_merged(strength, check_finite=check_finite)
@@ -206,6 +207,7 @@ class NoiseWindow:
             self._arm_merged(self.strength, check_finite=False)  # may refuse: before any weight is written
             with torch.no_grad():
                 binding.restore.put_back(binding.plan)
+                binding.placement.release_copies(binding.plan.slots)
             self.suspended = False
             self._window_versions = guards.versions(binding.plan.slots, binding.placement)
             if interrupt.pending:
@@ -242,6 +244,7 @@ class NoiseWindow:
                     live.copy_(slot.data)
                 elif unrecoverable is None:
                     unrecoverable = slot.name
+            placement.release_copies(plan.slots)  # ZeRO-3: no gathered noisy copy outlives the window
         if unrecoverable is not None:
             return guards.moved_storage_error(unrecoverable)
         if written is not None:

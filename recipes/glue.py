@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from recipe_kit.arguments import RunOptions, pin_memory_only_where_it_helps, recipe_parser
 from recipe_kit.batching import plan_from_arguments
 from recipe_kit.errors import RecipeError, run_cli
@@ -191,6 +192,7 @@ def load_model(
         from transformers.distributed import DistributedConfig
 
         sharding["distributed_config"] = DistributedConfig(fsdp_size=fsdp_size)
+    init_deepspeed_zero3_on_cpu()
     model = AutoModelForSequenceClassification.from_pretrained(
         choice.path, config=config, ignore_mismatched_sizes=True, local_files_only=choice.local_only, **sharding
     )
@@ -250,6 +252,20 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: 
         raise RecipeError(f"--per_device_eval_batch_size must be positive, got {args.per_device_eval_batch_size}.")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         raise RecipeError("Nothing to train: set --num_train_epochs > 0 or --max_steps > 0.")
+
+
+def init_deepspeed_zero3_on_cpu() -> None:
+    """Under ZeRO-3, ``from_pretrained`` partitions the model while it builds it (``zero.Init``), over DeepSpeed's own
+    communication; on CPU (``--use_cpu``) accelerate leaves that uninitialized, and ``zero.Init`` would see a world of
+    one process. Initialize it over gloo first (nothing to do on GPUs, or without ZeRO-3)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled() or torch.cuda.is_available():
+        return
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO on two CPU processes (gloo): the noise is removed before DeepSpeed's optimizer step.
 
 After every step the module's weights equal DeepSpeed's fp32 master partition (cast to the weights'
-dtype), ranks stay bit-identical and draw different noise; ZeRO-3 is refused at construction.
+dtype), ranks stay bit-identical and draw different noise. ZeRO-3: tests/test_zero3.py; its parameter offload is
+refused at construction.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ pytestmark = [
 ]
 
 
-def deepspeed_config(tmp_path: Path, stage: int) -> Path:
+def deepspeed_config(tmp_path: Path, stage: int, **zero: object) -> Path:
     config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **zero},
         "zero_allow_untested_optimizer": True,  # the Trainer's torch AdamW (no DeepSpeed op to compile for it)
     }
     path = tmp_path / f"zero{stage}.json"
@@ -37,10 +38,10 @@ def deepspeed_config(tmp_path: Path, stage: int) -> Path:
     return path
 
 
-def launch(tmp_path: Path, stage: int, *extra: str) -> list[str]:
+def launch(tmp_path: Path, stage: int, *extra: str, **zero: object) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-        "--use_cpu", "--deepspeed", str(deepspeed_config(tmp_path, stage)), "--output_dir", str(tmp_path),
+        "--use_cpu", "--deepspeed", str(deepspeed_config(tmp_path, stage, **zero)), "--output_dir", str(tmp_path),
         "--max_steps", "6", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
         "--learning_rate", "0.01", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
         "--smoothout_strength", "0.05", "--seed", "3", *extra,
@@ -62,10 +63,10 @@ def test_zero_weights_equal_the_fp32_master_after_every_step(tmp_path, monkeypat
     assert result["params_changed"]
 
 
-def test_zero3_is_refused_at_construction(tmp_path, monkeypatch):
+def test_zero3_with_parameter_offload_is_refused_at_construction(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    with pytest.raises(AssertionError, match="does not support DeepSpeed ZeRO-3"):  # the launch exits non-zero
-        run_launcher(launch(tmp_path, 3))
+    with pytest.raises(AssertionError, match="does not support ZeRO-3 with offload_param"):  # the launch exits 1
+        run_launcher(launch(tmp_path, 3, offload_param={"device": "cpu"}))
 
 
 @pytest.mark.parametrize("mode", ["prepared", "inner"])

@@ -67,5 +67,5 @@ def test_a_placement_in_one_process_agrees_with_itself(name):
 
 
 def test_an_unknown_placement_names_the_registered_ones():
-    with pytest.raises(ValueError, match="registered: fsdp2, deepspeed, local"):
-        get_placement("zero3")
+    with pytest.raises(ValueError, match="registered: fsdp2, zero3, deepspeed, local"):
+        get_placement("zero4")

@@ -605,3 +605,22 @@ def test_validation_labels_unseen_in_training_stop_a_glue_task_too():
         _label_plan(GLUE_TASKS["mnli"], None, [0, 1, 0, 1], {"eval": [0, 2]})
     names, mapping = _label_plan(GLUE_TASKS["mnli"], None, [0, 1, 2], {"eval": [0, 2]})
     assert len(names) == 3 and mapping == {0: 0, 1: 1, 2: 2}
+
+
+@pytest.mark.multiprocess
+def test_zero3_config_trains_the_recipe_with_noise_on_each_ranks_slices(
+    tiny_bert, sentiment_files, tmp_path, monkeypatch
+):
+    """``recipes/configs/deepspeed_zero3.json`` as the README launches it: the model is loaded partitioned (ZeRO-3
+    ``zero.Init``), SmoothOut perturbs each rank's slices, and the saved model is gathered from them."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    train, dev = sentiment_files
+    out = tmp_path / "zero3"
+    args = tiny_args(tiny_bert, out, "--train_file", str(train), "--validation_file", str(dev),
+                     "--deepspeed", str(RECIPES / "configs" / "deepspeed_zero3.json"))  # fmt: skip
+    output = run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(RECIPES / "glue.py"), *args])  # fmt: skip
+    assert "world size 2 (processes)" in output
+    run = read(out / "smoothout_run.json")
+    assert run["training"]["world_size"] == 2
+    assert (out / "model.safetensors").is_file()

@@ -10,8 +10,8 @@ steps on are the clean ones, bit-exactly, and equal its fp32 master afterwards.
 
 ZeRO-1/2 keep every rank's weights whole (only optimizer state and gradients are partitioned), so
 per-row scaling is exact and the noise follows the DDP rules (``independent_ranks``: one sample per
-rank per micro-batch). ZeRO-3 partitions the weights themselves into flat 1-D pieces, gathered only
-inside each module's forward: it is refused (see `check_deepspeed`).
+
+
 
 Example:
     >>> from types import SimpleNamespace
@@ -49,15 +49,24 @@ def zero_stage(trainer: Any) -> int | None:
 
 
 def check_deepspeed(trainer: Any, samples: int) -> None:
-    """Raise ``ValueError`` for DeepSpeed set-ups SmoothOut cannot run exactly: ZeRO-3, or several noisy copies."""
-    stage = zero_stage(trainer)
-    if stage == 3:
-        raise ValueError(
-            "SmoothOut does not support DeepSpeed ZeRO-3: it partitions every weight into flat 1-D pieces across "
-            "ranks and gathers them only inside each module's forward, so per-row noise scaling and a bit-exact "
-            "restore would need every parameter gathered around each micro-batch (the memory ZeRO-3 exists to "
-            "save). Use ZeRO-2 (weights whole on every rank; supported, bit-exact) or DDP."
-        )
+    """Raise ``ValueError`` for DeepSpeed set-ups SmoothOut cannot run exactly: several noisy copies, or ZeRO-3
+    with its parameters offloaded or with ZeRO++ secondary partitions (see `hf_smoothout.placement.zero3`)."""
+    if zero_stage(trainer) == 3:
+        zero = (getattr(getattr(trainer.args, "hf_deepspeed_config", None), "config", None) or {}).get(
+            "zero_optimization"
+        ) or {}
+        offload = (zero.get("offload_param") or {}).get("device", "none")
+        if str(offload).lower() not in ("none", ""):
+            raise ValueError(
+                f"SmoothOut does not support ZeRO-3 with offload_param (device {offload!r}): DeepSpeed then swaps the "
+                "partitions SmoothOut perturbs in and out of host or NVMe memory, which is not verified to keep the "
+                "noise window exact. Keep the parameters on the device (offload_optimizer is fine), or use ZeRO-2."
+            )
+        if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+            raise ValueError(
+                "SmoothOut does not support ZeRO++ hpZ (zero_hpz_partition_size > 1): the backward gathers the "
+                "weights from a secondary partition SmoothOut does not perturb. Set it to 1."
+            )
     if samples > 1:
         raise ValueError(
             f"SmoothOut samples={samples} is not supported with DeepSpeed: DeepSpeed steps the optimizer inside the "

@@ -1,13 +1,13 @@
 """Placements: how a back-end stores the selected parameters, one file each, behind the `Placement` protocol.
 
-`detect_placement` picks, in registry order, the first placement that applies to the model (FSDP2 shards, then
-DeepSpeed's flat groups, then plain tensors). Adding one (ZeRO-3 partitions, ...): a file with a `Placement`
-subclass and one line in `PLACEMENTS`; ``tests/test_placement_contract.py`` runs against everything registered.
+`detect_placement` picks, in registry order, the first placement that applies to the model (FSDP2 shards, ZeRO-3
+flat slices, DeepSpeed ZeRO-1/2 flat groups, then plain tensors). Adding one: a file with a `Placement` subclass and
+one line in `PLACEMENTS`; ``tests/test_placement_contract.py`` runs against everything registered.
 
 Example:
     >>> from torch import nn
     >>> list(PLACEMENTS)
-    ['fsdp2', 'deepspeed', 'local']
+    ['fsdp2', 'zero3', 'deepspeed', 'local']
     >>> detect_placement(nn.Linear(2, 2), []).name
     'local'
 """
@@ -21,8 +21,11 @@ from .base import Placement
 from .deepspeed import DeepSpeedPlacement
 from .fsdp2 import FSDP2Placement
 from .local import LocalPlacement
+from .zero3 import Zero3Placement
 
-PLACEMENTS: dict[str, type[Placement]] = {cls.name: cls for cls in (FSDP2Placement, DeepSpeedPlacement, LocalPlacement)}
+PLACEMENTS: dict[str, type[Placement]] = {
+    cls.name: cls for cls in (FSDP2Placement, Zero3Placement, DeepSpeedPlacement, LocalPlacement)
+}
 """Every registered placement by name, in the order `detect_placement` tries them (the most specific first)."""
 
 

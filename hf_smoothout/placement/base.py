@@ -29,6 +29,15 @@ if TYPE_CHECKING:
     from ..selection import SelectedParameter
 
 
+def all_ranks_agree(flag: bool, device: torch.device, world_size: int) -> bool:
+    """``flag`` if every rank says so (one all-reduce when several processes run), else ``False`` everywhere."""
+    if world_size > 1 and torch.distributed.is_initialized():
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)  # every rank decides alike
+        return bool(value.item() == 1.0)
+    return flag
+
+
 class Placement:
     """Plain tensors, one whole copy per rank (single process, DDP): the base every placement refines.
 
@@ -84,6 +93,10 @@ class Placement:
     def agree(self, flag: bool, device: torch.device) -> bool:
         """``flag`` as every rank must see it (plain tensors: each rank decides alone)."""
         return flag
+
+    def release_copies(self, slots: list[Slot]) -> None:
+        """The slots' values just changed (noise in or out): drop any copy of them the back-end keeps gathered, so
+        that the next forward reads the current values (ZeRO-3). Plain tensors: nothing to drop."""
 
     def split_row_scale(
         self, slot: Slot, clean: torch.Tensor, draw: torch.Tensor, strength: float, *, normalize: bool = True

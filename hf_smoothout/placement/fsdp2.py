@@ -33,7 +33,7 @@ from ..noise import ROW_NORM_EPS, row_length
 from ..plan import Slot, Stream
 from ..seeding import DrawKey, draw_row_blocks_
 from ..selection import SelectedParameter
-from .base import Placement
+from .base import Placement, all_ranks_agree
 
 
 class FSDP2Placement(Placement):
@@ -105,11 +105,7 @@ class FSDP2Placement(Placement):
         )
 
     def agree(self, flag: bool, device: torch.device) -> bool:
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            value = torch.tensor([1.0 if flag else 0.0], device=device)
-            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)  # every rank decides alike
-            return bool(value.item() == 1.0)
-        return flag
+        return all_ranks_agree(flag, device, self.world_size)
 
     def split_row_scale(
         self, slot: Slot, clean: torch.Tensor, draw: torch.Tensor, strength: float, *, normalize: bool = True

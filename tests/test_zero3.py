@@ -1,0 +1,81 @@
+"""DeepSpeed ZeRO-3 on two CPU processes (gloo): each rank perturbs its own flat slices in place (no gathering),
+the forward gathers one global noise sample with the exact per-row law, and the slices equal DeepSpeed's fp32 master
+after every step (`hf_smoothout.placement.zero3`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_launcher
+
+SCRIPT = Path(__file__).with_name("zero3_train.py")
+
+pytestmark = [
+    pytest.mark.multiprocess,
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (pip install deepspeed)"),
+]
+
+
+def zero3_config(tmp_path: Path) -> Path:
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        # biases and LayerNorm weights (32 and 75 elements) stay gathered between steps ("persistent"): the copies
+        # SmoothOut must release so that the forward gathers the noisy slices
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 100,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "zero_allow_untested_optimizer": True,
+    }
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def run_zero3(tmp_path: Path, *extra: str, lr: str = "0.01") -> dict:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+        "--use_cpu", "--deepspeed", str(zero3_config(tmp_path)), "--output_dir", str(tmp_path),
+        "--max_steps", "4", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+        "--learning_rate", lr, "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "2",
+        "--smoothout_strength", "0.05", "--seed", "3", *extra,
+    ]  # fmt: skip
+    run_launcher(cmd)
+    return json.loads((tmp_path / "zero3_result.json").read_text())
+
+
+@pytest.mark.parametrize(("extra", "dtype"), [([], "float32"), (["--bf16", "true"], "bfloat16")])
+def test_zero3_slices_get_the_row_law_and_equal_the_fp32_master_after_every_step(tmp_path, monkeypatch, extra, dtype):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    result = run_zero3(tmp_path, *extra)
+    assert result["world_size"] == 2 and result["zero_stage"] == 3 and result["steps"] == 4
+    assert result["placement"] == "zero3" and result["restore"] == "copy"
+    assert result["dtype"] == f"torch.{dtype}" and result["evaluated"]
+    assert result["master_equal_each_step"] == [True] * 4  # restored before DeepSpeed's step, every rank
+    assert result["no_gathered_copy_after_step"] == [True] * 4
+    assert result["forward_saw_noise_each_step"] == [True] * 4  # also right after an evaluation gathered everything
+    assert result["draws"] == 8
+    assert not result["weights_bit_identical_to_start"]
+    assert result["saved_weights_are_the_clean_master"]
+    if dtype == "float32":
+        assert result["max_relative_row_norm_error"] < 1e-5  # rows cut by the slices: norms all-reduced
+        assert result["replay_max_relative_error"] < 1e-5  # = one unsharded copy drawing the same element blocks
+    else:  # the noise is added in bf16 (8 bits of mantissa)
+        assert result["max_relative_row_norm_error"] < 5e-2
+
+
+def test_zero3_at_learning_rate_0_leaves_the_weights_bit_identical(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    result = run_zero3(tmp_path, lr="0")
+    assert result["steps"] == 4 and result["forward_saw_noise_each_step"] == [True] * 4
+    assert result["weights_bit_identical_to_start"]  # no noise leaked into the weights or the fp32 master
