@@ -36,17 +36,19 @@ def zero3_config(tmp_path: Path) -> Path:
         },
         "zero_allow_untested_optimizer": True,
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "zero3.json"
     path.write_text(json.dumps(config))
     return path
 
 
-def run_zero3(tmp_path: Path, *extra: str, lr: str = "0.01") -> dict:
+def run_zero3(tmp_path: Path, *extra: str, lr: str = "0.01", save: bool = False) -> dict:
+    saving = ["--save_strategy", "steps", "--save_steps", "2"] if save else ["--save_strategy", "no"]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
         "--use_cpu", "--deepspeed", str(zero3_config(tmp_path)), "--output_dir", str(tmp_path),
         "--max_steps", "4", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
-        "--learning_rate", lr, "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--learning_rate", lr, "--report_to", "none", *saving, "--disable_tqdm", "true",
         "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "2",
         "--smoothout_strength", "0.05", "--seed", "3", *extra,
     ]  # fmt: skip
@@ -79,3 +81,13 @@ def test_zero3_at_learning_rate_0_leaves_the_weights_bit_identical(tmp_path, mon
     result = run_zero3(tmp_path, lr="0")
     assert result["steps"] == 4 and result["forward_saw_noise_each_step"] == [True] * 4
     assert result["weights_bit_identical_to_start"]  # no noise leaked into the weights or the fp32 master
+
+
+def test_zero3_resumed_from_a_checkpoint_ends_bit_identical_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    whole = run_zero3(tmp_path / "whole", save=True)  # 4 steps, a checkpoint at step 2
+    assert (tmp_path / "whole" / "checkpoint-2" / "smoothout_state_1.pth").is_file()
+    resumed = run_zero3(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-2"))
+    assert resumed["steps"] == 4 and resumed["draws"] == 8  # the noise position continued from the checkpoint
+    assert resumed["master_equal_each_step"] == [True] * 2
+    assert resumed["final_weights"] == whole["final_weights"]  # dropout, data order and noise all continued

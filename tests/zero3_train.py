@@ -12,7 +12,8 @@ middle of row 37) is recorded as the forward gathers it. Rank 0 writes ``DIR/zer
   rank-free element blocks and the law applied to whole rows);
 - whether every training forward saw noise, and whether the weights moved (or, at learning rate 0, are
   bit-identical to the start);
-- whether ``save_model`` (16-bit weights gathered on save) wrote the clean weights.
+- whether ``save_model`` (16-bit weights gathered on save) wrote the clean weights, and a hash of the final weights
+  (a run resumed from a checkpoint, ``--resume_from_checkpoint``, must end at the same one).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from transformers import BertConfig, BertForSequenceClassification, HfArgumentPa
 
 sys.path.insert(0, os.path.dirname(__file__))
 from deepspeed_train import token_data
+from golden_hashes import fingerprint
 from replica_checks import write_result_and_shut_down
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
@@ -105,12 +107,13 @@ def main() -> None:
                 hooked.append(True)
 
     trainer.add_callback(HookAfterPrepare())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     engine = trainer.smoothout
     assert deepspeed.comm.get_world_size() == 2
     steps = trainer.state.global_step
     accumulation = args.gradient_accumulation_steps
-    assert len(seen) == steps * accumulation, (len(seen), steps, accumulation)
+    resumed_at = int(args.resume_from_checkpoint.rstrip("/").rsplit("-", 1)[1]) if args.resume_from_checkpoint else 0
+    assert len(seen) == (steps - resumed_at) * accumulation, (len(seen), steps, accumulation)
     dtype = trainer.model_wrapped.module.get_submodule(WATCHED).weight.ds_tensor.dtype
     clean = check.clean_watched[0].to(dtype).float()  # the slices hold the master cast to their dtype
     noise = seen[0] - clean
@@ -148,6 +151,7 @@ def main() -> None:
         "weights_bit_identical_to_start": all(torch.equal(end[n], start[n]) for n in end),
         "draws": engine.state_dict()["draws"],
         "saved_weights_are_the_clean_master": saved_clean,
+        "final_weights": fingerprint(end, start)["sha256"],
     }
     del trainer, model
     write_result_and_shut_down(os.path.join(args.output_dir, "zero3_result.json"), result)
