@@ -7,7 +7,7 @@ Arms, interleaved round by round (the machine's noise hits them alike), each tim
 
 - ``plain``: forward + ``engine.backward`` + ``engine.step``;
 - ``smoothout``: the same with ``SmoothOut.perturb`` before the forward (built on the DeepSpeed engine: its step
-  guard restores before the optimizer step), ``adapt="filter"``;
+  guard restores before the optimizer step), ``--adapt`` (default ``filter``);
 - ``gather``: ``deepspeed.zero.GatheredParameters`` over every weight matrix, entered and left (what perturbing
   whole weights would add before any noise is drawn; it also needs the whole model in memory on every rank).
 
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--adapt", default="filter", help="the noise law (hf_smoothout.laws)")
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank()
@@ -60,7 +61,7 @@ def main() -> None:
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 * args.hidden},
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    smoothout = SmoothOut(engine, SmoothOutConfig(strength=0.01, adapt="filter", seed=0))
+    smoothout = SmoothOut(engine, SmoothOutConfig(strength=0.01, adapt=args.adapt, seed=0))
     assert smoothout.describe()["placement"] == "zero3"
     generator = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator).to(engine.device)
@@ -100,7 +101,7 @@ def main() -> None:
         numel = sum(int(p.ds_numel) for p in model.parameters())
         base = statistics.median(times["plain"])
         print(f"ZeRO-3, {dist.get_world_size()} ranks, BERT {args.hidden}x{args.layers} ({numel / 1e6:.1f}M weights), "
-              f"batch {args.batch}x{args.seq}, {args.rounds} rounds")  # fmt: skip
+              f"batch {args.batch}x{args.seq}, adapt={args.adapt}, {args.rounds} rounds")  # fmt: skip
         print("| arm | median ms | x plain step |")
         print("|---|---|---|")
         for name, values in times.items():

@@ -31,6 +31,7 @@ from transformers import BertConfig, BertForSequenceClassification, HfArgumentPa
 sys.path.insert(0, os.path.dirname(__file__))
 from deepspeed_train import token_data
 from fsdp_train import emulate_accelerate_fsdp_on_cpu, full
+from golden_hashes import fingerprint
 from replica_checks import write_result_and_shut_down
 
 from hf_smoothout import SmoothOutTrainer, SmoothOutTrainingArguments
@@ -125,11 +126,31 @@ def main() -> None:
         model.get_submodule(name).register_forward_pre_hook(record_noisy(name))
     check = BaseUnchanged(start_base)
     trainer.add_callback(check)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     space = trainer.smoothout.merged_space
     assert space is not None and sorted(layer.name for layer in space.layers) == sorted(lora_names)
+    end_adapters = full_named(trainer.model, "lora_")
+    end_base = full_named(trainer.model, "base_layer")
+    result = {
+        "world_size": dist.get_world_size(),
+        "layers": len(lora_names),
+        "steps": trainer.state.global_step,
+        "draws": trainer.smoothout.state_dict()["draws"],
+        "base_unchanged_each_step": check.equal,
+        "base_unchanged_at_end": all(torch.equal(end_base[n], start_base[n]) for n in start_base),
+        "adapters_changed": any(not torch.equal(end_adapters[n], start_adapters[n]) for n in start_adapters),
+        "final_adapters": fingerprint(end_adapters, start_adapters)["sha256"],
+        "engine_on_shards": trainer.smoothout.describe()["placement"],
+    }
+    if args.resume_from_checkpoint is None:  # the replica holds the starting adapters: the first step only
+        result.update(hand_gradient_checks(trainer, replica, clean_replica, lora_names, noisy, first_inputs, check))
+    del trainer, model
+    write_result_and_shut_down(os.path.join(args.output_dir, "fsdp_lora_result.json"), result)
 
-    # The hand gradient: the replica at W + tau (its adapters as at the start), this rank's first micro-batch.
+
+def hand_gradient_checks(trainer, replica, clean_replica, lora_names, noisy, first_inputs, check) -> dict:
+    """The first step's noise law and adapter gradients against an unsharded replica at ``W + tau`` (its adapters
+    as at the start), on this rank's first micro-batch."""
     strength = trainer.smoothout.config.strength  # the constant schedule: the first step's strength
     row_errors, same_noise = [], []
     for name in lora_names:
@@ -149,26 +170,12 @@ def main() -> None:
             if trained_in_place(n, p):
                 p.copy_(noisy[n])
     hand_error, clean_error = (gradient_error(m, first_inputs[0], check.grads) for m in (replica, clean_replica))
-    end_base = full_named(trainer.model, "base_layer")
-    result = {
-        "world_size": dist.get_world_size(),
-        "layers": len(lora_names),
-        "steps": trainer.state.global_step,
-        "base_unchanged_each_step": check.equal,
-        "base_unchanged_at_end": all(torch.equal(end_base[n], start_base[n]) for n in start_base),
-        "adapters_changed": any(
-            not torch.equal(full(p), start_adapters[n])
-            for n, p in trainer.model.named_parameters()
-            if n in start_adapters
-        ),
+    return {
         "max_relative_row_norm_error": max(row_errors),
         "noise_differs_across_ranks": not any(same_noise),
         "hand_gradient_max_relative_error": hand_error,
         "clean_gradient_max_relative_error": clean_error,
-        "engine_on_shards": trainer.smoothout.describe()["placement"],
     }
-    del trainer, model
-    write_result_and_shut_down(os.path.join(args.output_dir, "fsdp_lora_result.json"), result)
 
 
 if __name__ == "__main__":

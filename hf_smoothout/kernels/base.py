@@ -120,11 +120,10 @@ def apply_law(ctx: DrawContext, strength: float, draws: Sequence[torch.Tensor] |
         return
     for slots in plan.groups:
         if slots and slots[0].reduce_groups:  # rows split across ranks: same order on every rank
-            for slot in slots:
-                scale = ctx.placement.split_row_scale(
-                    slot, restore.clean(slot), u[id(slot)], strength, normalize=law.normalizes_draw
-                )
-                torch.addcmul(restore.clean(slot), u[id(slot)], scale, out=restore.noisy(slot))
+            cleans, draws_ = [restore.clean(slot) for slot in slots], [u[id(slot)] for slot in slots]
+            scales = ctx.placement.split_row_scales(slots, cleans, draws_, strength, normalize=law.normalizes_draw)
+            for slot, clean, draw, scale in zip(slots, cleans, draws_, scales, strict=True):
+                torch.addcmul(clean, draw, scale, out=restore.noisy(slot))
             continue
         scales = law.row_scales_(
             [restore.clean(slot) for slot in slots],

@@ -98,6 +98,21 @@ class Placement:
         """The slots' values just changed (noise in or out): drop any copy of them the back-end keeps gathered, so
         that the next forward reads the current values (ZeRO-3). Plain tensors: nothing to drop."""
 
+    def split_row_scales(
+        self,
+        slots: list[Slot],
+        cleans: list[torch.Tensor],
+        draws: list[torch.Tensor],
+        strength: float,
+        *,
+        normalize: bool = True,
+    ) -> list[torch.Tensor]:
+        """`split_row_scale` of several slots (a placement may batch their collectives)."""
+        return [
+            self.split_row_scale(slot, clean, draw, strength, normalize=normalize)
+            for slot, clean, draw in zip(slots, cleans, draws, strict=True)
+        ]
+
     def split_row_scale(
         self, slot: Slot, clean: torch.Tensor, draw: torch.Tensor, strength: float, *, normalize: bool = True
     ) -> torch.Tensor:

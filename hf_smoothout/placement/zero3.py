@@ -42,9 +42,6 @@ from ..selection import SelectedParameter, logical_shape
 from .base import all_ranks_agree
 from .deepspeed import DeepSpeedPlacement
 
-ROW_ID_CHUNK = 1 << 20
-"""Elements per chunk of the segment sums (bounds the row-index temporaries)."""
-
 
 def is_zero3_partitioned(param: torch.Tensor) -> bool:
     """Whether ``param`` is partitioned by DeepSpeed ZeRO-3 (it carries a ``ds_tensor`` slice)."""
@@ -140,34 +137,65 @@ class Zero3Placement(DeepSpeedPlacement):
     def agree(self, flag: bool, device: torch.device) -> bool:
         return all_ranks_agree(flag, device, self.world_size)
 
+    def split_row_scales(
+        self,
+        slots: list[Slot],
+        cleans: list[torch.Tensor],
+        draws: list[torch.Tensor],
+        strength: float,
+        *,
+        normalize: bool = True,
+    ) -> list[torch.Tensor]:
+        """Per-element multipliers of every slot: each element's (global) row scale, from segment sums of this rank's
+        slices completed by one all-reduce per process group for all the slots together."""
+        for slot, clean, draw in zip(slots, cleans, draws, strict=True):
+            self._partial_row_sums(slot, clean, draw)
+        by_group: dict[int, list[Slot]] = {}
+        for slot in slots:
+            by_group.setdefault(id(slot.reduce_groups[0]), []).append(slot)
+        for members in by_group.values():
+            flat = torch.cat([t for slot in members for t in slot.norms])  # type: ignore[union-attr]
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(flat, group=members[0].reduce_groups[0])
+            offset = 0
+            for slot in members:
+                for t in slot.norms:  # type: ignore[union-attr]
+                    t.copy_(flat[offset : offset + t.numel()])
+                    offset += t.numel()
+        return [self._multiplier(slot, clean, strength, normalize) for slot, clean in zip(slots, cleans, strict=True)]
+
     def split_row_scale(
         self, slot: Slot, clean: torch.Tensor, draw: torch.Tensor, strength: float, *, normalize: bool = True
     ) -> torch.Tensor:
         """A per-element multiplier: the row scale of each element's (global) row, from all-reduced segment sums."""
+        return self.split_row_scales([slot], [clean], [draw], strength, normalize=normalize)[0]
+
+    @staticmethod
+    def _partial_row_sums(slot: Slot, clean: torch.Tensor, draw: torch.Tensor) -> None:
+        """This rank's per-row sums of squares of the weight and the draw, into ``slot.norms``."""
         assert slot.flat is not None and slot.norms is not None
         start, inner, rows = slot.flat
+        for source, out in zip((clean, draw), slot.norms, strict=True):
+            out.zero_()
+            for low, high, first, blocks in row_pieces(start, clean.numel(), inner):
+                block_sums = source[low:high].view(blocks, -1).float().square().sum(dim=1)
+                accumulate_rows_(out, block_sums, first, rows)
+
+    @staticmethod
+    def _multiplier(slot: Slot, clean: torch.Tensor, strength: float, normalize: bool) -> torch.Tensor:
+        """Each element's row scale, from the completed (all-reduced) row sums in ``slot.norms``."""
+        assert slot.flat is not None and slot.norms is not None and slot.span is not None
+        start, inner, rows = slot.flat
         sums, draw_sums = slot.norms
-        sums.zero_()
-        draw_sums.zero_()
-        for low in range(0, clean.numel(), ROW_ID_CHUNK):
-            high = min(clean.numel(), low + ROW_ID_CHUNK)
-            ids = _row_ids(start + low, start + high, inner, rows, clean.device)
-            sums.index_add_(0, ids, clean[low:high].float().square())
-            draw_sums.index_add_(0, ids, draw[low:high].float().square())
-        both = torch.stack([sums, draw_sums])
-        for group in slot.reduce_groups:
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(both, group=group)
-        row_scale = both[0].sqrt_()
+        row_scale = sums.sqrt()
         if normalize:
-            row_scale.div_(both[1].sqrt_().add_(ROW_NORM_EPS)).mul_(strength)
+            row_scale.div_(draw_sums.sqrt().add_(ROW_NORM_EPS)).mul_(strength)
         else:  # filter_std: divided by the square root of the (global) row length
             row_scale.mul_(strength / math.sqrt(max(1, slot.span[0] // rows) if len(slot.global_shape) > 1 else 1))
+        row_scale = row_scale.to(clean.dtype)
         multiplier = torch.empty_like(clean)
-        for low in range(0, clean.numel(), ROW_ID_CHUNK):
-            high = min(clean.numel(), low + ROW_ID_CHUNK)
-            ids = _row_ids(start + low, start + high, inner, rows, clean.device)
-            multiplier[low:high] = row_scale.index_select(0, ids)
+        for low, high, first, blocks in row_pieces(start, clean.numel(), inner):
+            multiplier[low:high].view(blocks, -1).copy_(spread_rows(row_scale, first, blocks, rows).unsqueeze(1))
         return multiplier
 
     def release_copies(self, slots: list[Slot]) -> None:
@@ -176,9 +204,65 @@ class Zero3Placement(DeepSpeedPlacement):
             gathered[0].partition(param_list=gathered)
 
 
-def _row_ids(low: int, high: int, inner: int, rows: int, device: torch.device) -> torch.Tensor:
-    """The output row of each flat element in ``[low, high)`` of a weight with ``rows`` rows of stride ``inner``."""
-    return torch.arange(low, high, device=device).div_(inner, rounding_mode="floor").remainder_(rows)
+def row_pieces(start: int, count: int, inner: int) -> list[tuple[int, int, int, int]]:
+    """The slice ``[start, start + count)`` of a flattened weight whose rows have stride ``inner``, cut into pieces
+    of whole blocks of ``inner`` elements (each block lies in one row): ``(local low, local high, first global
+    block, blocks)``; the partial blocks at either end are pieces of one block.
+
+    Example:
+        >>> row_pieces(5, 20, 8)  # elements 5-24 of rows of 8: 3 of block 0, blocks 1-2, 1 of block 3
+        [(0, 3, 0, 1), (3, 19, 1, 2), (19, 20, 3, 1)]
+    """
+    pieces, low = [], 0
+    head = min(count, (-start) % inner)
+    if head:
+        pieces.append((0, head, start // inner, 1))
+        low = head
+    full = (count - low) // inner
+    if full:
+        pieces.append((low, low + full * inner, (start + low) // inner, full))
+        low += full * inner
+    if low < count:
+        pieces.append((low, count, (start + low) // inner, 1))
+    return pieces
+
+
+def accumulate_rows_(out: torch.Tensor, values: torch.Tensor, first: int, rows: int) -> None:
+    """``out[(first + j) % rows] += values[j]`` for every ``j``, by slices (no index tensor).
+
+    Example:
+        >>> out = torch.zeros(3)
+        >>> accumulate_rows_(out, torch.ones(7), first=2, rows=3); out
+        tensor([2., 2., 3.])
+    """
+    offset, n = first % rows, values.numel()
+    head = min(n, rows - offset)
+    out[offset : offset + head] += values[:head]
+    rest = values[head:]
+    periods = rest.numel() // rows
+    if periods:
+        out += rest[: periods * rows].view(periods, rows).sum(dim=0)
+    tail = rest[periods * rows :]
+    if tail.numel():
+        out[: tail.numel()] += tail
+
+
+def spread_rows(row_values: torch.Tensor, first: int, n: int, rows: int) -> torch.Tensor:
+    """``row_values[(first + j) % rows]`` for ``j`` in ``range(n)``, by slices.
+
+    Example:
+        >>> spread_rows(torch.tensor([10.0, 20.0, 30.0]), first=2, n=5, rows=3)
+        tensor([30., 10., 20., 30., 10.])
+    """
+    offset = first % rows
+    head = min(n, rows - offset)
+    parts = [row_values[offset : offset + head]]
+    periods, tail = divmod(n - head, rows)
+    if periods:
+        parts.append(row_values.repeat(periods))
+    if tail:
+        parts.append(row_values[:tail])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _is_gathered(param: Any) -> bool:
