@@ -23,8 +23,9 @@ pytestmark = [
 ]
 
 
-def deepspeed_config(tmp_path: Path, stage: int, **zero: object) -> Path:
-    config = {
+def zero_config(stage: int, **zero: object) -> dict:
+    """A DeepSpeed config for the Trainer ("auto" values from its arguments), ZeRO ``stage`` with ``zero`` settings."""
+    return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
@@ -33,8 +34,12 @@ def deepspeed_config(tmp_path: Path, stage: int, **zero: object) -> Path:
         "zero_optimization": {"stage": stage, **zero},
         "zero_allow_untested_optimizer": True,  # the Trainer's torch AdamW (no DeepSpeed op to compile for it)
     }
+
+
+def deepspeed_config(tmp_path: Path, stage: int, **zero: object) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"zero{stage}.json"
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(zero_config(stage, **zero)))
     return path
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_launcher
+from test_deepspeed import deepspeed_config
 
 SCRIPT = Path(__file__).with_name("zero3_train.py")
 
@@ -21,25 +22,11 @@ pytestmark = [
 
 
 def zero3_config(tmp_path: Path) -> Path:
-    config = {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": "auto"},
-        # biases and LayerNorm weights (32 and 75 elements) stay gathered between steps ("persistent"): the copies
-        # SmoothOut must release so that the forward gathers the noisy slices
-        "zero_optimization": {
-            "stage": 3,
-            "stage3_param_persistence_threshold": 100,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
-        "zero_allow_untested_optimizer": True,
-    }
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "zero3.json"
-    path.write_text(json.dumps(config))
-    return path
+    # biases and LayerNorm weights (32 and 75 elements) stay gathered between steps ("persistent"): the copies
+    # SmoothOut must release so that the forward gathers the noisy slices
+    return deepspeed_config(
+        tmp_path, 3, stage3_param_persistence_threshold=100, stage3_gather_16bit_weights_on_model_save=True
+    )
 
 
 def run_zero3(tmp_path: Path, *extra: str, lr: str = "0.01", save: bool = False) -> dict:

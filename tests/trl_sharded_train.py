@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 sys.path.insert(0, os.path.dirname(__file__))
 from fsdp_train import emulate_accelerate_fsdp_on_cpu, full
 from replica_checks import write_result_and_shut_down
+from test_deepspeed import zero_config
 from test_lora_merged import word_level_tokenizer
 
 from hf_smoothout import SmoothOutConfig, SmoothOutMixin
@@ -34,15 +35,7 @@ class SmoothOutSFTTrainer(SmoothOutMixin, trl.SFTTrainer):
     """TRL's SFT trainer with SmoothOut: the mixin first in the bases."""
 
 
-ZERO3 = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "train_batch_size": "auto",
-    "gradient_clipping": "auto",
-    "bf16": {"enabled": "auto"},
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100},
-    "zero_allow_untested_optimizer": True,
-}
+ZERO3 = zero_config(3, stage3_param_persistence_threshold=100)
 FSDP2 = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
 WATCHED = {"zero3": "model.layers.0.mlp.up_proj", "fsdp2_lora": "model.layers.0.self_attn.q_proj"}
 
