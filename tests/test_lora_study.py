@@ -70,6 +70,7 @@ def test_commands_name_the_space_and_the_holdout(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.studies
 @pytest.mark.skipif(not offline_text_available(), reason="offline MiniLM / Rotten Tomatoes not installed")
 def test_tiny_study_runs_end_to_end(tmp_path):
     lora = load_study()

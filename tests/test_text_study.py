@@ -79,6 +79,7 @@ def test_final_runs_need_the_sweep(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.studies
 @pytest.mark.skipif(not offline_text_available(), reason="offline MiniLM / Rotten Tomatoes not installed")
 def test_text_study_sweeps_on_holdout_trains_measures_and_reports(tmp_path):
     study = load_study()
