@@ -87,7 +87,7 @@ class Slot:
     index: int = 0  # position among the selected parameters (model order): names its sharded noise
     span: tuple[int, int, int] | None = None  # FSDP2 dim-0 shard: (global rows, first row here, rows here)
     global_shape: tuple[int, ...] = ()
-    flat: tuple[int, int, int] | None = None  # ZeRO-3 flat slice: (first global element, row stride, rows)
+    flat: tuple[int, int] | None = None  # ZeRO-3 flat slice (its elements in span): (row stride, rows)
 
 
 @dataclass

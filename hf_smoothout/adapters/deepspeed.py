@@ -10,8 +10,8 @@ steps on are the clean ones, bit-exactly, and equal its fp32 master afterwards.
 
 ZeRO-1/2 keep every rank's weights whole (only optimizer state and gradients are partitioned), so
 per-row scaling is exact and the noise follows the DDP rules (``independent_ranks``: one sample per
-
-
+rank per micro-batch). ZeRO-3 partitions the weights themselves: see `hf_smoothout.placement.zero3`; its
+parameter offload and ZeRO++ secondary partitions are refused here (`check_deepspeed`).
 
 Example:
     >>> from types import SimpleNamespace
@@ -38,13 +38,18 @@ _WRAPPED = "_smoothout_restores_before_step"
 _RESTORE = "_smoothout_restore_before_step"
 
 
+def zero_settings(trainer: Any) -> dict[str, Any]:
+    """The ``zero_optimization`` section of a DeepSpeed-enabled Trainer's config (empty when it cannot be read)."""
+    config = getattr(getattr(trainer.args, "hf_deepspeed_config", None), "config", None) or {}
+    return config.get("zero_optimization") or {}
+
+
 def zero_stage(trainer: Any) -> int | None:
     """The ZeRO stage of a DeepSpeed-enabled Trainer (``None`` when it cannot be read)."""
     plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
     stage = getattr(plugin, "zero_stage", None)
     if stage is None:
-        config = getattr(getattr(trainer.args, "hf_deepspeed_config", None), "config", None) or {}
-        stage = (config.get("zero_optimization") or {}).get("stage")
+        stage = zero_settings(trainer).get("stage")
     return None if stage is None else int(stage)
 
 
@@ -52,9 +57,7 @@ def check_deepspeed(trainer: Any, samples: int) -> None:
     """Raise ``ValueError`` for DeepSpeed set-ups SmoothOut cannot run exactly: several noisy copies, or ZeRO-3
     with its parameters offloaded or with ZeRO++ secondary partitions (see `hf_smoothout.placement.zero3`)."""
     if zero_stage(trainer) == 3:
-        zero = (getattr(getattr(trainer.args, "hf_deepspeed_config", None), "config", None) or {}).get(
-            "zero_optimization"
-        ) or {}
+        zero = zero_settings(trainer)
         offload = (zero.get("offload_param") or {}).get("device", "none")
         if str(offload).lower() not in ("none", ""):
             raise ValueError(

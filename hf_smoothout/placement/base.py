@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import noise
 from ..plan import Slot
+from ..seeding import draw_row_blocks_
 
 if TYPE_CHECKING:
     from ..config import SmoothOutConfig
@@ -97,6 +98,21 @@ class Placement:
     def release_copies(self, slots: list[Slot]) -> None:
         """The slots' values just changed (noise in or out): drop any copy of them the back-end keeps gathered, so
         that the next forward reads the current values (ZeRO-3). Plain tensors: nothing to drop."""
+
+    @staticmethod
+    def draw_global_blocks_(
+        slot: Slot, out: torch.Tensor, stream: Stream, key: DrawKey, global_shape: tuple[int, ...]
+    ) -> None:
+        """Fill ``out`` with the slot's part (``slot.span``) of a tensor of ``global_shape`` drawn per block of
+        global rows from rank-free seeds (`hf_smoothout.seeding.draw_row_blocks_`): the same values whatever the
+        number of ranks holding the rest (FSDP2 dim-0 shards, ZeRO-3 flat slices)."""
+        assert slot.span is not None
+        if stream.block_generator is None:
+            stream.block_generator = torch.Generator(device=stream.device)
+        seed = key.row_block_seed(slot.index)
+        draw_row_blocks_(
+            out, slot.span, global_shape, seed, key.distribution, stream.block_scratch_for, stream.block_generator
+        )
 
     def split_row_scales(
         self,

@@ -31,7 +31,7 @@ from ..config import SmoothOutConfig
 from ..laws import get_noise_law
 from ..noise import ROW_NORM_EPS, row_length
 from ..plan import Slot, Stream
-from ..seeding import DrawKey, draw_row_blocks_
+from ..seeding import DrawKey
 from ..selection import SelectedParameter
 from .base import Placement, all_ranks_agree
 
@@ -92,17 +92,7 @@ class FSDP2Placement(Placement):
         if slot.span is None:
             super().draw_(slot, out, stream, key)
             return
-        if stream.block_generator is None:
-            stream.block_generator = torch.Generator(device=stream.device)
-        draw_row_blocks_(
-            out,
-            slot.span,
-            slot.global_shape,
-            key.row_block_seed(slot.index),
-            key.distribution,
-            stream.block_scratch_for,
-            stream.block_generator,
-        )
+        self.draw_global_blocks_(slot, out, stream, key, slot.global_shape)
 
     def agree(self, flag: bool, device: torch.device) -> bool:
         return all_ranks_agree(flag, device, self.world_size)

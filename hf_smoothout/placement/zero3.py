@@ -37,7 +37,7 @@ from torch import nn
 from ..config import SmoothOutConfig
 from ..noise import ROW_NORM_EPS
 from ..plan import Slot, Stream
-from ..seeding import DrawKey, draw_row_blocks_
+from ..seeding import DrawKey
 from ..selection import SelectedParameter, logical_shape
 from .base import all_ranks_agree
 from .deepspeed import DeepSpeedPlacement
@@ -112,7 +112,7 @@ class Zero3Placement(DeepSpeedPlacement):
         slot = Slot(selected.name, p, 0, self.live(p), selected.module, selected.local_name, index=index)
         rows = int(shape[selected.row_axis]) if len(shape) else 1
         inner = math.prod(int(size) for size in shape[selected.row_axis + 1 :]) if len(shape) else 1
-        slot.span, slot.global_shape, slot.flat = (int(p.ds_numel), start, held), tuple(shape), (start, inner, rows)
+        slot.span, slot.global_shape, slot.flat = (int(p.ds_numel), start, held), tuple(shape), (inner, rows)
         if row_scaled:
             slot.reduce_groups = (getattr(p, "ds_process_group", None),)
             slot.norms = tuple(torch.empty(rows, device=slot.data.device, dtype=torch.float32) for _ in range(2))
@@ -125,14 +125,8 @@ class Zero3Placement(DeepSpeedPlacement):
         if slot.flat is None:
             super().draw_(slot, out, stream, key)
             return
-        if stream.block_generator is None:
-            stream.block_generator = torch.Generator(device=stream.device)
-        seed = key.row_block_seed(slot.index)
         assert slot.span is not None
-        flat_shape = (slot.span[0],)  # blocks of global elements of the flattened weight
-        draw_row_blocks_(
-            out, slot.span, flat_shape, seed, key.distribution, stream.block_scratch_for, stream.block_generator
-        )
+        self.draw_global_blocks_(slot, out, stream, key, (slot.span[0],))  # blocks of the flattened weight's elements
 
     def agree(self, flag: bool, device: torch.device) -> bool:
         return all_ranks_agree(flag, device, self.world_size)
@@ -173,8 +167,8 @@ class Zero3Placement(DeepSpeedPlacement):
     @staticmethod
     def _partial_row_sums(slot: Slot, clean: torch.Tensor, draw: torch.Tensor) -> None:
         """This rank's per-row sums of squares of the weight and the draw, into ``slot.norms``."""
-        assert slot.flat is not None and slot.norms is not None
-        start, inner, rows = slot.flat
+        assert slot.flat is not None and slot.norms is not None and slot.span is not None
+        (inner, rows), start = slot.flat, slot.span[1]
         for source, out in zip((clean, draw), slot.norms, strict=True):
             out.zero_()
             for low, high, first, blocks in row_pieces(start, clean.numel(), inner):
@@ -185,7 +179,7 @@ class Zero3Placement(DeepSpeedPlacement):
     def _multiplier(slot: Slot, clean: torch.Tensor, strength: float, normalize: bool) -> torch.Tensor:
         """Each element's row scale, from the completed (all-reduced) row sums in ``slot.norms``."""
         assert slot.flat is not None and slot.norms is not None and slot.span is not None
-        start, inner, rows = slot.flat
+        (inner, rows), start = slot.flat, slot.span[1]
         sums, draw_sums = slot.norms
         row_scale = sums.sqrt()
         if normalize:
